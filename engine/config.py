@@ -1,0 +1,102 @@
+"""One config tree for the engine: model architecture, KV cache, scheduling, runtime."""
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+
+from scheduler import InvalidRequest, SchedulerConfig
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True, slots=True)
+class ModelArchConfig:
+    """Architecture of a Llama-family / Qwen2 / Qwen3 decoder, from config.json or GGUF metadata."""
+
+    arch: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    qk_norm: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    block_size: int = 16
+    # Fixed number of KV blocks (tests use small pools); None sizes the pool from memory.
+    num_blocks: int | None = None
+    # KV memory budget on CPU; on CUDA the free memory times `gpu_memory_utilization`.
+    kv_cache_bytes: int = 1 << 30
+    gpu_memory_utilization: float = 0.85
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    model: str | None = None  # None = the embedded default model
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_model_len: int | None = None  # None = the model's own limit, capped by the KV pool
+    attention_backend: str = "auto"  # auto | torch | flash
+    num_threads: int | None = None  # CPU threads for torch; None = all cores
+    seed: int = 0  # seeds the randomness of unseeded requests
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @classmethod
+    def from_options(cls, model: str | os.PathLike | None = None, device: str | None = None,
+                     dtype: str | None = None, **options: Any) -> "EngineConfig":
+        """Build from flat keyword options (as `LLM(...)` and the CLI take them).
+
+        Options named like a field of `CacheConfig` or `SchedulerConfig` go there.
+        """
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if dtype is None:
+            dtype = default_dtype(device)
+        if dtype not in DTYPES:
+            raise InvalidRequest(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}", "dtype")
+        nested = {"cache": CacheConfig(), "scheduler": SchedulerConfig()}
+        top: dict[str, Any] = {}
+        top_names = {f.name for f in fields(cls)} - set(nested)
+        for key, value in options.items():
+            target = next((n for n, c in nested.items() if key in {f.name for f in fields(c)}), None)
+            if target is not None:
+                nested[target] = replace(nested[target], **{key: value})
+            elif key in top_names:
+                top[key] = value
+            else:
+                raise InvalidRequest(f"unknown engine option {key!r}", key)
+        return cls(model=None if model is None else str(model), device=device, dtype=dtype,
+                   **top, **nested)
+
+
+def default_dtype(device: str) -> str:
+    """bf16 on CUDA; on CPU bf16 where the cores have native bf16 dot products, which bench/
+    measured to be faster from batch 1 up (see bench/results/), else fp32."""
+    if device.startswith("cuda"):
+        return "bfloat16"
+    return "bfloat16" if _cpu_has_avx512_bf16() else "float32"
+
+
+def _cpu_has_avx512_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "avx512_bf16" in f.read()
+    except OSError:
+        return False

@@ -1,0 +1,142 @@
+"""The step loop: schedule -> run one flat forward -> commit tokens -> detokenise."""
+
+import itertools
+import logging
+import os
+import time
+
+import torch
+
+from engine.attention import FlashAttention, make_backend
+from engine.config import EngineConfig
+from engine.kv_cache import PagedKVCache
+from engine.loader import load_checkpoint
+from engine.model import CausalLM
+from engine.model_runner import ModelRunner
+from engine.output_processor import OutputProcessor, RequestOutput
+from engine.sampler import Sampler
+from scheduler import (BlockManager, CapacityExceeded, InvalidRequest, Request, RequestStatus,
+                       SamplingParams, ScheduledRequest, Scheduler, SchedulerOutput)
+from scheduler.block_manager import cdiv
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
+        dtype = config.torch_dtype
+        t0 = time.perf_counter()
+        ckpt = load_checkpoint(config.model)
+        self.model_name = ckpt.name
+        self.arch = ckpt.arch
+        self.tokenizer = ckpt.tokenizer
+        with torch.device("meta"):
+            model = CausalLM(ckpt.arch)
+        model = model.to_empty(device="cpu")
+        model.load_hf_weights(ckpt.weights)
+        self.model = model.to(device=self.device, dtype=dtype).eval()
+        self.model.rotary.reset_tables()
+
+        self.backend = make_backend(config.attention_backend, self.device)
+        block_size = config.cache.block_size
+        if isinstance(self.backend, FlashAttention):
+            block_size = max(block_size, FlashAttention.block_size_multiple)
+        num_blocks = config.cache.num_blocks or self._num_blocks_from_memory(block_size, dtype)
+        self.kv_cache = PagedKVCache(ckpt.arch, num_blocks, block_size, dtype, self.device)
+        capacity = num_blocks * block_size
+        self.max_model_len = min(config.max_model_len or ckpt.arch.max_position_embeddings,
+                                 ckpt.arch.max_position_embeddings, capacity)
+        self.block_manager = BlockManager(num_blocks, block_size)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.backend,
+                                  Sampler(self.device, config.seed), self.device)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self._ids = itertools.count()
+        logger.info("loaded %s (%s, %d layers) on %s/%s in %.1fs; attention=%s, KV cache %d blocks x %d "
+                    "tokens, max_model_len %d", self.model_name, ckpt.arch.arch, ckpt.arch.num_layers,
+                    self.device, config.dtype, time.perf_counter() - t0, self.backend.name, num_blocks,
+                    block_size, self.max_model_len)
+
+    def _num_blocks_from_memory(self, block_size: int, dtype: torch.dtype) -> int:
+        per_block = PagedKVCache.bytes_per_block(self.arch, block_size, dtype)
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = free - total * (1 - self.config.cache.gpu_memory_utilization)
+        else:
+            budget = self.config.cache.kv_cache_bytes
+        # never more than the model can use for max_num_seqs full-length sequences
+        cap = self.config.scheduler.max_num_seqs * cdiv(self.arch.max_position_embeddings, block_size)
+        return max(1, min(int(budget // per_block), cap))
+
+    # ---- requests ---------------------------------------------------------------------
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams,
+                    req_id: str | None = None, arrival_time: float | None = None) -> str:
+        """Validate, tokenise and queue a request; returns its id. Raises InvalidRequest."""
+        prompt_ids = self.tokenize_prompt(prompt)
+        req_id = req_id if req_id is not None else f"req-{next(self._ids)}"
+        self.validate_lengths(len(prompt_ids), params)
+        req = Request(req_id, prompt_ids, params, eos_token_ids=self.tokenizer.eos_token_ids,
+                      max_model_len=self.max_model_len)
+        if arrival_time is not None:
+            req.arrival_time = arrival_time
+        self.scheduler.add_request(req)
+        self.output_processor.add_request(req_id, prompt_ids, list(params.stop), req.arrival_time)
+        return req_id
+
+    def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+        else:
+            ids = list(prompt)
+            if any(not isinstance(t, int) or not 0 <= t < self.arch.vocab_size for t in ids):
+                raise InvalidRequest(f"prompt token ids must be integers in [0, {self.arch.vocab_size})", "prompt")
+        if not ids:
+            raise InvalidRequest("the prompt is empty", "prompt")
+        return ids
+
+    def validate_lengths(self, num_prompt_tokens: int, params: SamplingParams) -> None:
+        if num_prompt_tokens >= self.max_model_len:
+            raise InvalidRequest(
+                f"this model's maximum context length is {self.max_model_len} tokens, but the prompt "
+                f"has {num_prompt_tokens} tokens (at least one token must be left to generate)", "messages")
+
+    def abort_request(self, req_id: str) -> None:
+        self.scheduler.finish_request(req_id, RequestStatus.FINISHED_ABORTED)
+        self.output_processor.remove(req_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- one step ---------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        sched_out = self.scheduler.schedule()
+        if sched_out.empty:
+            return []
+        runner_out = self.runner.execute(sched_out)
+        outputs = []
+        for update in self.scheduler.update_from_output(sched_out, runner_out):
+            out, stopped_by_string = self.output_processor.process(update)
+            if stopped_by_string:
+                self.scheduler.finish_request(update.req_id, RequestStatus.FINISHED_STOPPED)
+            outputs.append(out)
+        return outputs
+
+    def prompt_logits(self, prompt_ids: list[int]) -> torch.Tensor:
+        """Logits [len(prompt_ids), vocab] of one standalone prefill (for checks against
+        reference implementations); borrows KV blocks and returns them."""
+        req = Request("prompt-logits", list(prompt_ids), SamplingParams(max_tokens=1))
+        if not self.block_manager.can_allocate(req, len(prompt_ids)):
+            raise CapacityExceeded("not enough free KV blocks for a standalone prefill")
+        self.block_manager.allocate(req, len(prompt_ids))
+        try:
+            step = SchedulerOutput([ScheduledRequest(req.req_id, req.prompt_ids, 0, req.block_table,
+                                                     req.params, sample=False, num_output_tokens=0)])
+            return self.runner.all_logits(step)
+        finally:
+            self.block_manager.free(req)

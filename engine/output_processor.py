@@ -1,0 +1,116 @@
+"""Turns committed token ids into text: incremental detokenisation, stop strings, deltas."""
+
+import time
+from dataclasses import dataclass, field
+
+from engine.tokenizer import Tokenizer
+from scheduler import RequestUpdate
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """The state of one request after a step; `delta_*` is what is new since the last one."""
+
+    req_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    delta_token_ids: list[int]
+    delta_text: str
+    finished: bool
+    finish_reason: str | None
+    stop_reason: str | int | None = None
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+    finished_time: float | None = None
+    num_spec_rounds: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+
+@dataclass(slots=True)
+class _RequestState:
+    req_id: str
+    prompt_token_ids: list[int]
+    stop: list[str]
+    arrival_time: float
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    sent_text_len: int = 0
+    sent_token_len: int = 0
+    first_token_time: float | None = None
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._states: dict[str, _RequestState] = {}
+
+    def add_request(self, req_id: str, prompt_token_ids: list[int], stop: list[str],
+                    arrival_time: float) -> None:
+        self._states[req_id] = _RequestState(req_id, prompt_token_ids, stop, arrival_time)
+
+    def remove(self, req_id: str) -> None:
+        self._states.pop(req_id, None)
+
+    def process(self, update: RequestUpdate) -> tuple[RequestOutput, bool]:
+        """Apply one scheduler update. Returns the output and whether a stop string ended it
+        (the caller must then finish the request in the scheduler)."""
+        st = self._states[update.req_id]
+        now = time.monotonic()
+        if update.new_token_ids and st.first_token_time is None:
+            st.first_token_time = now
+        st.token_ids.extend(update.new_token_ids)
+        st.text = self.tokenizer.decode(st.token_ids)
+        finish_reason, stop_reason = update.finish_reason, None
+        hit = self._find_stop(st)
+        if hit is not None:
+            idx, stop_reason = hit
+            st.text = st.text[:idx]
+            finish_reason = "stop"
+        finished = finish_reason is not None
+        # Hold back an incomplete UTF-8 character or a possible start of a stop string.
+        end = len(st.text) if finished else self._safe_end(st)
+        delta_text = st.text[st.sent_text_len:end]
+        st.sent_text_len = max(st.sent_text_len, end)
+        delta_ids = st.token_ids[st.sent_token_len:]
+        st.sent_token_len = len(st.token_ids)
+        out = RequestOutput(
+            req_id=st.req_id, prompt_token_ids=st.prompt_token_ids, token_ids=list(st.token_ids),
+            text=st.text, delta_token_ids=delta_ids, delta_text=delta_text, finished=finished,
+            finish_reason=finish_reason, stop_reason=stop_reason, arrival_time=st.arrival_time,
+            first_token_time=st.first_token_time, finished_time=now if finished else None,
+        )
+        if finished:
+            del self._states[st.req_id]
+        return out, hit is not None
+
+    @staticmethod
+    def _find_stop(st: _RequestState) -> tuple[int, str] | None:
+        if not st.stop:
+            return None
+        # A stop string can only start in text not yet streamed, or overlap its end.
+        longest = max(len(s) for s in st.stop)
+        start = max(0, st.sent_text_len - longest + 1)
+        best: tuple[int, str] | None = None
+        for s in st.stop:
+            i = st.text.find(s, start)
+            if i >= 0 and (best is None or i < best[0]):
+                best = (i, s)
+        return best
+
+    @staticmethod
+    def _safe_end(st: _RequestState) -> int:
+        end = len(st.text)
+        while end > st.sent_text_len and st.text[end - 1] == "\ufffd":
+            end -= 1
+        for s in st.stop:
+            for k in range(min(len(s) - 1, end - st.sent_text_len), 0, -1):
+                if st.text[end - k:end] == s[:k]:
+                    end -= k
+                    break
+        return max(end, st.sent_text_len)

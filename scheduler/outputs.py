@@ -1,0 +1,61 @@
+"""The two plain data types where the logical and the physical side meet."""
+
+from dataclasses import dataclass, field
+
+from scheduler.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class ScheduledRequest:
+    """What one request runs this step: `token_ids` at positions `start_pos`..., KV in `block_table`."""
+
+    req_id: str
+    token_ids: list[int]
+    start_pos: int
+    block_table: list[int]
+    params: SamplingParams
+    # True when this chunk reaches the end of the known tokens, so the last logits are sampled.
+    sample: bool
+    # Number of output tokens already committed: seeded sampling keys its randomness on it.
+    num_output_tokens: int
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    """One engine step: the requests to run, in order, plus bookkeeping for the runner."""
+
+    scheduled: list[ScheduledRequest]
+    # Requests that ended since the previous step: the runner drops their per-request state.
+    finished_req_ids: list[str] = field(default_factory=list)
+    num_preempted: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+    @property
+    def empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass(slots=True)
+class ModelRunnerOutput:
+    """What a step produced: for each scheduled request, in order, the token ids it sampled."""
+
+    req_ids: list[str]
+    sampled_token_ids: list[list[int]]
+
+
+@dataclass(slots=True)
+class RequestUpdate:
+    """Per-request result of one step, for the engine's output processing."""
+
+    req_id: str
+    new_token_ids: list[int]
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_cached_tokens: int = 0

@@ -1,0 +1,176 @@
+"""Continuous batching: FCFS admission by free KV blocks, chunked prefill, preemption by recompute.
+
+There is no prefill or decode phase. Each request has `num_computed_tokens`; each step gives
+every running request the tokens it still lacks (one for a decode, a chunk for a prefill),
+within a per-step token budget, then admits waiting requests in arrival order.
+"""
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from scheduler.block_manager import BlockManager
+from scheduler.errors import CapacityExceeded
+from scheduler.outputs import ModelRunnerOutput, RequestUpdate, ScheduledRequest, SchedulerOutput
+from scheduler.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    # Per-step token budget; also the largest prefill chunk.
+    max_num_batched_tokens: int = 512
+    # Waiting requests beyond this are refused (CapacityExceeded); 0 means no limit.
+    max_waiting: int = 0
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._finished_since_last_step: list[str] = []
+        self.num_preemptions = 0
+
+    # ---- queue management -------------------------------------------------------------
+
+    def add_request(self, req: Request) -> None:
+        if self.config.max_waiting and len(self.waiting) >= self.config.max_waiting:
+            raise CapacityExceeded(f"the waiting queue is full ({self.config.max_waiting} requests)")
+        if req.req_id in self.requests:
+            raise ValueError(f"duplicate request id {req.req_id!r}")
+        self.requests[req.req_id] = req
+        self.waiting.append(req)
+
+    def finish_request(self, req_id: str, status: RequestStatus) -> None:
+        """End a request from outside (abort, stop string); a no-op for unknown or ended ids."""
+        assert status.finished
+        req = self.requests.get(req_id)
+        if req is None:
+            return
+        if req.status == RequestStatus.RUNNING:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+        self._finish(req, status)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # ---- one step ---------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted = 0
+
+        # Running requests first, oldest first; the newest are preempted when blocks run out.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            assert num_new > 0, "a running request always has a token to compute"
+            while not self.block_manager.can_allocate(req, req.num_computed_tokens + num_new):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted += 1
+                if victim is req:
+                    break
+            else:
+                self.block_manager.allocate(req, req.num_computed_tokens + num_new)
+                scheduled.append(self._scheduled(req, num_new))
+                budget -= num_new
+                i += 1
+                continue
+            break  # `req` itself was preempted: nothing younger is left to schedule
+
+        # Then waiting requests in arrival order; a head that does not fit blocks the rest,
+        # so nobody is starved by younger, smaller requests. No admission in a step that had
+        # to preempt: memory is tight.
+        while (self.waiting and budget > 0 and not preempted
+               and len(self.running) < self.config.max_num_seqs):
+            req = self.waiting[0]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            # Keep one free block per running request so decodes can grow without thrashing.
+            if not self.block_manager.can_allocate(req, num_new, reserve=len(self.running)):
+                break
+            self.waiting.popleft()
+            self.block_manager.allocate(req, num_new)
+            req.status = RequestStatus.RUNNING
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = time.monotonic()
+            self.running.append(req)
+            scheduled.append(self._scheduled(req, num_new))
+            budget -= num_new
+
+        finished, self._finished_since_last_step = self._finished_since_last_step, []
+        return SchedulerOutput(scheduled=scheduled, finished_req_ids=finished, num_preempted=preempted)
+
+    def update_from_output(self, sched_out: SchedulerOutput,
+                           runner_out: ModelRunnerOutput) -> list[RequestUpdate]:
+        """Apply a finished step to the logical requests; return what each one gained."""
+        updates: list[RequestUpdate] = []
+        for sched, req_id, sampled in zip(sched_out.scheduled, runner_out.req_ids,
+                                          runner_out.sampled_token_ids, strict=True):
+            assert sched.req_id == req_id
+            req = self.requests.get(req_id)
+            if req is None or req.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            req.num_computed_tokens += sched.num_tokens
+            new_ids: list[int] = []
+            status = None
+            for token_id in sampled:
+                new_ids.append(token_id)
+                status = req.append_token(token_id)
+                if status is not None:
+                    break
+            if status is not None:
+                self.running.remove(req)
+                self._finish(req, status)
+            if new_ids or status is not None:
+                updates.append(RequestUpdate(req_id, new_ids, status.finish_reason if status else None,
+                                             req.num_prompt_tokens))
+        return updates
+
+    # ---- helpers ----------------------------------------------------------------------
+
+    def _scheduled(self, req: Request, num_new: int) -> ScheduledRequest:
+        start = req.num_computed_tokens
+        return ScheduledRequest(
+            req_id=req.req_id,
+            token_ids=req.token_ids[start:start + num_new],
+            start_pos=start,
+            block_table=list(req.block_table),
+            params=req.params,
+            sample=start + num_new == req.num_tokens,
+            num_output_tokens=req.num_output_tokens,
+        )
+
+    def _preempt(self, req: Request) -> None:
+        """Drop the KV of `req` and queue it first in line; it recomputes prompt and output."""
+        self.block_manager.free(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+        logger.debug("preempted %s (%d tokens)", req.req_id, req.num_tokens)
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        req.status = status
+        self.block_manager.free(req)
+        del self.requests[req.req_id]
+        self._finished_since_last_step.append(req.req_id)
