@@ -53,8 +53,7 @@ class LLM:
         return self.generate(prompts, params, use_tqdm)
 
     def encode_chat(self, messages: list[Message]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode_chat(messages)
 
     def _run(self, req_ids: list[str], use_tqdm: bool) -> list[GenerationResult]:
         done: dict[str, RequestOutput] = {}

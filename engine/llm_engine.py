@@ -15,7 +15,8 @@ from engine.model import CausalLM
 from engine.model_runner import ModelRunner
 from engine.output_processor import OutputProcessor, RequestOutput
 from engine.sampler import Sampler
-from scheduler import (BlockManager, CapacityExceeded, InvalidRequest, Request, RequestStatus,
+from scheduler import (BlockManager, CapacityExceeded, InvalidRequest, ModelLoadError, Request,
+                       RequestStatus,
                        SamplingParams, ScheduledRequest, Scheduler, SchedulerOutput)
 from scheduler.block_manager import cdiv
 
@@ -37,9 +38,14 @@ class LLMEngine:
         with torch.device("meta"):
             model = CausalLM(ckpt.arch)
         model = model.to_empty(device="cpu")
-        model.load_hf_weights(ckpt.weights)
+        try:
+            model.load_hf_weights(ckpt.weights)
+        except Exception as e:  # a truncated or corrupt file fails deep inside dequantisation
+            raise ModelLoadError(f"cannot load the weights of {config.model or self.model_name}: {e}") from e
         self.model = model.to(device=self.device, dtype=dtype).eval()
         self.model.rotary.reset_tables()
+        if self.device.type == "cpu" and dtype == torch.float32:
+            self.model.use_transposed_weights()
 
         self.backend = make_backend(config.attention_backend, self.device)
         block_size = config.cache.block_size
@@ -118,10 +124,14 @@ class LLMEngine:
         sched_out = self.scheduler.schedule()
         if sched_out.empty:
             return []
+        # Read before the step runs: a request that finishes in it leaves `scheduler.requests`.
+        scheduled_at = {s.req_id: self.scheduler.requests[s.req_id].first_scheduled_time
+                        for s in sched_out.scheduled}
         runner_out = self.runner.execute(sched_out)
         outputs = []
         for update in self.scheduler.update_from_output(sched_out, runner_out):
             out, stopped_by_string = self.output_processor.process(update)
+            out.first_scheduled_time = scheduled_at.get(update.req_id)
             if stopped_by_string:
                 self.scheduler.finish_request(update.req_id, RequestStatus.FINISHED_STOPPED)
             outputs.append(out)

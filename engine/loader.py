@@ -174,7 +174,7 @@ def _iter_gguf(reader, cfg: ModelArchConfig) -> Iterator[tuple[str, torch.Tensor
         if cfg.arch == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = cfg.num_heads if "q_proj" in hf_name else cfg.num_kv_heads
             data = _unpermute_rotary(data, heads)
-        yield hf_name, torch.from_numpy(np.ascontiguousarray(data))
+        yield hf_name, torch.tensor(data)  # copies: F32 tensors are read-only views of the mmap
 
 
 def _gguf_to_hf_name(name: str) -> str | None:

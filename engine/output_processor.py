@@ -23,6 +23,8 @@ class RequestOutput:
     arrival_time: float = 0.0
     first_token_time: float | None = None
     finished_time: float | None = None
+    # When the scheduler first admitted the request (end of its queue time); set by LLMEngine.
+    first_scheduled_time: float | None = None
     num_spec_rounds: int = 0
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0

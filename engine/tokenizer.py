@@ -259,6 +259,12 @@ class Tokenizer:
         """Text of `ids`."""
         return self._inner.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def encode_chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:
+        """Prompt ids of a conversation: the rendered template, encoded without adding special
+        tokens again (the template already writes them)."""
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt=True, **kwargs),
+                           add_special_tokens=False)
+
     def apply_chat_template(self, messages: list[dict[str, Any]],
                             add_generation_prompt: bool = True,
                             tools: list[dict[str, Any]] | None = None, **kwargs: Any) -> str:

@@ -24,19 +24,24 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if not isinstance(self.stop, (list, tuple, type(None))):
+            raise InvalidRequest("stop must be a string or a list of strings", "stop")
+        if not isinstance(self.stop_token_ids, (list, tuple, type(None))):
+            raise InvalidRequest("stop_token_ids must be a list of integers", "stop_token_ids")
         self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
         self.validate()
 
     def validate(self) -> None:
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens <= 0:
+        if not _is_int(self.max_tokens) or self.max_tokens <= 0:
             raise InvalidRequest(f"max_tokens must be a positive integer, got {self.max_tokens!r}", "max_tokens")
-        if not isinstance(self.temperature, (int, float)) or not 0.0 <= self.temperature <= 100.0:
+        if not _is_number(self.temperature) or not 0.0 <= self.temperature <= 100.0:
             raise InvalidRequest(f"temperature must be in [0, 100], got {self.temperature!r}", "temperature")
-        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p!r}", "top_p")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
+        if not _is_int(self.top_k) or self.top_k < -1:
             raise InvalidRequest(f"top_k must be -1, 0 (disabled) or a positive integer, got {self.top_k!r}", "top_k")
-        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
             raise InvalidRequest(f"seed must be an integer in [0, 2^63), got {self.seed!r}", "seed")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise InvalidRequest(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(self.stop)}", "stop")
@@ -45,9 +50,17 @@ class SamplingParams:
                 raise InvalidRequest(
                     f"each stop string must be a non-empty string of at most {MAX_STOP_STRING_LEN} characters", "stop"
                 )
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+        if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
             raise InvalidRequest("stop_token_ids must be non-negative integers", "stop_token_ids")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x  # x == x: not NaN

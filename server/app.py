@@ -1,0 +1,152 @@
+"""The FastAPI app: factory, lifespan (load in the background, drain on shutdown) and routes."""
+
+import asyncio
+import hmac
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TypeVar
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
+
+from engine.async_engine import AsyncLLM
+from server.config import ServerConfig
+from server.errors import APIError, install_error_handlers
+from server.formats import ChatFormat, CompletionFormat
+from server.metrics import Metrics
+from server.middleware import BodySizeLimitMiddleware
+from server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from server.serving import ServingContext, plan_chat, plan_completion, respond
+
+logger = logging.getLogger(__name__)
+
+B = TypeVar("B", bound=BaseModel)
+CHAT, COMPLETION = ChatFormat(), CompletionFormat()
+
+
+@dataclass(slots=True)
+class ServerState:
+    config: ServerConfig
+    engine: AsyncLLM
+    metrics: Metrics
+    serving: ServingContext | None = None  # set once the model is loaded
+    load_error: BaseException | None = None
+    draining: bool = False
+    # Called when the server cannot ever serve (the model failed to load), e.g. to exit.
+    on_fatal: Callable[[], None] | None = None
+
+    def start_draining(self) -> None:
+        if not self.draining:
+            logger.info("draining: refusing new requests, finishing %d running",
+                        self.engine.num_in_flight)
+        self.draining = True
+
+    def ready(self) -> ServingContext:
+        """The serving context, or the 503 that explains why there is none."""
+        if self.draining:
+            raise APIError(503, "the server is shutting down", code="draining")
+        if self.load_error is not None:
+            raise APIError(503, f"the model failed to load: {self.load_error}", code="load_failed")
+        if self.engine.is_dead:
+            raise APIError(503, f"the engine is not running: {self.engine.error}", code="engine_dead")
+        if self.serving is None:
+            raise APIError(503, "the model is still loading; retry shortly", code="loading",
+                           headers={"Retry-After": "5"})
+        return self.serving
+
+    async def finish_loading(self) -> None:
+        try:
+            info = await self.engine.wait_loaded()
+        except Exception as e:
+            self.load_error = e
+            logger.error("the model failed to load: %s", e)
+            if self.on_fatal is not None:
+                self.on_fatal()
+            return
+        name = self.config.served_model_name or info.model_name
+        self.metrics.bind_model(name)
+        self.serving = ServingContext(self.engine, self.metrics, name, info.max_model_len)
+        logger.info("ready: serving model %r on %s (%s), max_model_len %d", name, info.device,
+                    info.dtype, info.max_model_len)
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+def _serving(request: Request) -> ServingContext:
+    return _state(request).ready()
+
+
+def _check_api_key(request: Request) -> None:
+    key = _state(request).config.api_key
+    if key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    # compare_digest: no timing side channel on the key.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                       code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+async def _parse(request: Request, model: type[B]) -> B:
+    # Parsed here rather than by FastAPI so a body is JSON whatever its Content-Type (curl -d
+    # sends form encoding by default) and all errors come out in one shape.
+    return model.model_validate_json(await request.body())
+
+
+def create_app(config: ServerConfig, engine: AsyncLLM | None = None,
+               on_fatal: Callable[[], None] | None = None) -> FastAPI:
+    """The app; `engine` defaults to an `AsyncLLM` of `config.engine`, loaded at startup."""
+    state = ServerState(config, engine or AsyncLLM(config.engine), Metrics(), on_fatal=on_fatal)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.engine.start()
+        # Load in the background: the server answers (503 "loading") meanwhile.
+        loading = asyncio.create_task(state.finish_loading())
+        try:
+            yield
+        finally:
+            state.start_draining()
+            loading.cancel()
+            await state.engine.drain(config.drain_timeout)
+            await state.engine.stop()
+            logger.info("engine stopped")
+
+    app = FastAPI(title="dspark-serve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.server = state
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=config.max_request_bytes)
+
+    @app.get("/health")
+    async def health(request: Request) -> JSONResponse:
+        _serving(request)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        return Response(state.metrics.render(state.engine.stats), media_type=CONTENT_TYPE_LATEST)
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_check_api_key)])
+
+    @v1.get("/models")
+    async def models(ctx: ServingContext = Depends(_serving)) -> ModelList:
+        return ModelList(data=[ModelCard(id=ctx.model_name, max_model_len=ctx.max_model_len)])
+
+    @v1.post("/chat/completions")
+    async def chat(request: Request, ctx: ServingContext = Depends(_serving)) -> Response:
+        plan = await plan_chat(await _parse(request, ChatCompletionRequest), ctx)
+        return await respond(request, plan, CHAT, ctx)
+
+    @v1.post("/completions")
+    async def completions(request: Request, ctx: ServingContext = Depends(_serving)) -> Response:
+        plan = await plan_completion(await _parse(request, CompletionRequest), ctx)
+        return await respond(request, plan, COMPLETION, ctx)
+
+    app.include_router(v1)
+    return app

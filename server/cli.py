@@ -1,0 +1,146 @@
+"""`dspark`: serve, generate, bench.
+
+Engine flags are derived from the fields of `EngineConfig` and its nested configs, so a new
+config field is a new flag without touching this file.
+"""
+
+import argparse
+import importlib
+import logging
+import sys
+import types
+from collections.abc import Sequence
+from dataclasses import MISSING, fields
+from typing import Any
+
+from engine.config import CacheConfig, EngineConfig
+from scheduler import SchedulerConfig
+from server import envs
+
+# Flags handled explicitly (positional in EngineConfig.from_options) or not meaningful as flags.
+_EXPLICIT = {"model", "device", "dtype", "cache", "scheduler"}
+BENCHMARKS = {"serve": "bench.serve", "engine": "bench.engine"}
+
+
+def _scalar_type(tp: Any) -> type | None:
+    """int / float / str for `int`, `int | None`, ...; None for anything a flag cannot hold."""
+    if isinstance(tp, types.UnionType):
+        args = [a for a in tp.__args__ if a is not type(None)]
+        tp = args[0] if len(args) == 1 else None
+    return tp if tp in (int, float, str) else None
+
+
+def _engine_fields() -> list[tuple[str, type, Any, str]]:
+    out = []
+    for cls in (EngineConfig, CacheConfig, SchedulerConfig):
+        for f in fields(cls):
+            tp = _scalar_type(f.type)
+            if f.name in _EXPLICIT or tp is None:
+                continue
+            default = f.default if f.default is not MISSING else None
+            out.append((f.name, tp, default, cls.__name__))
+    return out
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine")
+    group.add_argument("--model", default=None,
+                       help="Hugging Face directory or .gguf file (default: embedded SmolLM2-135M)")
+    group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")
+    group.add_argument("--dtype", default=None,
+                       help="float32 / bfloat16 / float16 (default: bf16 on CUDA and bf16 CPUs)")
+    for name, tp, default, owner in _engine_fields():
+        group.add_argument(f"--{name.replace('_', '-')}", type=tp, default=None,
+                           help=f"{owner}.{name} (default: {default})")
+
+
+def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine flags the user set, as `EngineConfig.from_options` and `LLM` take them."""
+    return {name: getattr(args, name) for name, *_ in _engine_fields()
+            if getattr(args, name) is not None}
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig.from_options(args.model, args.device, args.dtype, **_engine_options(args))
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from server.config import ServerConfig
+    from server.launch import serve
+
+    config = ServerConfig(engine=engine_config(args), host=args.host, port=args.port,
+                          api_key=args.api_key, served_model_name=args.served_model_name,
+                          max_request_bytes=args.max_request_bytes,
+                          drain_timeout=args.drain_timeout, log_level=args.log_level)
+    return serve(config)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from engine import LLM, SamplingParams
+
+    llm = LLM(args.model, args.device, args.dtype, **_engine_options(args))
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
+    result = llm.chat([{"role": "user", "content": args.prompt}], params)[0]
+    print(result.text)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    module = BENCHMARKS[args.benchmark]
+    try:
+        bench = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            raise
+        print(f"benchmark {args.benchmark!r} is not available ({module} is missing)",
+              file=sys.stderr)
+        return 2
+    return int(bench.main(args.args) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dspark", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    serve.add_argument("--host", default=envs.get("DSPARK_HOST"))
+    serve.add_argument("--port", type=int, default=envs.get("DSPARK_PORT"),
+                       help="0 picks a free port (logged at startup)")
+    serve.add_argument("--api-key", default=envs.get("DSPARK_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on /v1/* (env DSPARK_API_KEY)")
+    serve.add_argument("--served-model-name", default=None,
+                       help="the `model` clients send (default: the checkpoint's name)")
+    serve.add_argument("--max-request-bytes", type=int,
+                       default=envs.get("DSPARK_MAX_REQUEST_BYTES"))
+    serve.add_argument("--drain-timeout", type=float, default=envs.get("DSPARK_DRAIN_TIMEOUT"),
+                       help="seconds running requests get to finish after SIGTERM")
+    serve.add_argument("--log-level", default=envs.get("DSPARK_LOG_LEVEL"))
+    add_engine_args(serve)
+    serve.set_defaults(func=_serve)
+
+    gen = sub.add_parser("generate", help="print one chat reply of the model")
+    gen.add_argument("prompt")
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--log-level", default="warning")
+    add_engine_args(gen)
+    gen.set_defaults(func=_generate)
+
+    bench = sub.add_parser("bench", help="benchmarks: serve (HTTP sweep), engine (offline)")
+    bench.add_argument("benchmark", choices=sorted(BENCHMARKS))
+    bench.add_argument("args", nargs=argparse.REMAINDER,
+                       help="options of the benchmark (dspark bench serve --help)")
+    bench.add_argument("--log-level", default="info")
+    bench.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

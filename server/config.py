@@ -1,0 +1,19 @@
+"""Settings of the HTTP layer; the engine's own settings stay in `EngineConfig`."""
+
+from dataclasses import dataclass, field
+
+from engine.config import EngineConfig
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    # Name clients pass as `model`; None = the name the checkpoint reports.
+    served_model_name: str | None = None
+    max_request_bytes: int = 1 << 20
+    # After SIGTERM, how long running requests may take before they are aborted.
+    drain_timeout: float = 30.0
+    log_level: str = "info"

@@ -1,0 +1,42 @@
+"""The one registry of environment variables this project reads. All are named `DSPARK_*`.
+
+Read them only through `get()`, so every variable is listed (and documented) here.
+"""
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class EnvVar:
+    name: str
+    default: Any
+    parse: Callable[[str], Any]
+    help: str
+
+
+_VARS = [
+    EnvVar("DSPARK_API_KEY", None, str,
+           "bearer token required on /v1/* (health and metrics stay open); unset = no auth"),
+    EnvVar("DSPARK_HOST", "127.0.0.1", str, "address `dspark serve` binds to"),
+    EnvVar("DSPARK_PORT", 8000, int, "port `dspark serve` listens on (0 = ephemeral)"),
+    EnvVar("DSPARK_MAX_REQUEST_BYTES", 1 << 20, int, "largest request body accepted (else 413)"),
+    EnvVar("DSPARK_DRAIN_TIMEOUT", 30.0, float,
+           "seconds running requests may take to finish after SIGTERM"),
+    EnvVar("DSPARK_LOG_LEVEL", "info", str, "log level of the server (debug, info, warning, ...)"),
+]
+REGISTRY: dict[str, EnvVar] = {v.name: v for v in _VARS}
+
+
+def get(name: str) -> Any:
+    """The parsed value of a registered variable, or its default when unset or empty."""
+    var = REGISTRY[name]  # KeyError for an unregistered name is deliberate
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return var.default
+    try:
+        return var.parse(raw)
+    except ValueError as e:
+        raise ValueError(f"environment variable {name}={raw!r} is invalid: {e}") from e

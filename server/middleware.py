@@ -1,0 +1,52 @@
+"""ASGI middleware: a request body size limit (413), enforced while the body streams in."""
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.errors import error_response
+
+# An over-limit body is still read (and dropped) up to this multiple of the limit before the 413
+# goes out: a client that is still uploading when the server answers and closes often sees a
+# reset connection instead of the 413. Beyond it the upload is cut off.
+_DRAIN_FACTOR = 16
+
+
+class BodySizeLimitMiddleware:
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        # Read the whole body here, so chunked uploads (no Content-Length) are bounded too.
+        chunks: list[bytes] = []
+        size, more = 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client left before sending its body: nobody to answer
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            more = message.get("more_body", False)
+            if size <= self.max_bytes:
+                chunks.append(chunk)
+            elif size > _DRAIN_FACTOR * self.max_bytes:
+                break
+        if size > self.max_bytes:
+            response = error_response(
+                413, f"the request body is larger than the limit of {self.max_bytes} bytes",
+                code="request_too_large", headers={"Connection": "close"} if more else None)
+            await response(scope, receive, send)
+            return
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: waits for http.disconnect
+
+        await self.app(scope, replay, send)

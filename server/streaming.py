@@ -1,0 +1,50 @@
+"""Server-sent events as vLLM and OpenAI send them.
+
+Chat: a role chunk, content chunks, a chunk with only the finish reason, a usage chunk when
+`stream_options.include_usage`, then `data: [DONE]`. Completions: the same without the role.
+"""
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from pydantic import BaseModel
+
+from engine.output_processor import RequestOutput
+from scheduler import DSparkError
+from server.formats import Plan, ResponseFormat, usage_of
+from server.protocol import ErrorInfo, ErrorResponse
+
+logger = logging.getLogger(__name__)
+
+DONE = "data: [DONE]\n\n"
+
+
+def sse(body: BaseModel) -> str:
+    return f"data: {body.model_dump_json()}\n\n"
+
+
+async def sse_events(plan: Plan, fmt: ResponseFormat, first: RequestOutput,
+                     outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
+    """Events of one stream. `first` was awaited before the response started (so refusals are
+    plain HTTP errors); `outputs` yields the rest. When the client disconnects, starlette cancels
+    this generator, and closing `outputs` aborts the request in the engine."""
+    async with aclosing(outputs):
+        try:
+            if (opening := fmt.opening(plan)) is not None:
+                yield sse(opening)
+            out = first
+            while True:
+                if out.delta_text:
+                    yield sse(fmt.delta(plan, out.delta_text))
+                if out.finished:
+                    yield sse(fmt.finish(plan, out.finish_reason))
+                    if plan.include_usage:
+                        yield sse(fmt.usage(plan, usage_of(out)))
+                    break
+                out = await anext(outputs)
+        except DSparkError as e:
+            # The status line is gone already; tell the client in-band, as vLLM does.
+            logger.warning("stream %s ended early: %s", plan.req_id, e)
+            yield sse(ErrorResponse(error=ErrorInfo(message=str(e), type="server_error")))
+        yield DONE
