@@ -253,8 +253,8 @@ class AsyncLLM:
                 continue
             try:
                 engine.add_request(cmd.prompt, cmd.params, cmd.req_id, cmd.arrival_time)
-            except Exception as e:  # refused requests fail their own stream, not the loop
-                batch.append((cmd.req_id, e))
+            except Exception as e:  # noqa: BLE001
+                batch.append((cmd.req_id, e))  # a refusal fails its own stream, not the loop
         return True
 
     def _post(self, fn: Callable[..., None], *args: object) -> None:

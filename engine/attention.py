@@ -57,45 +57,42 @@ class TorchAttention(AttentionBackend):
     name = "torch"
 
     def prepare(self, batch: FlatBatch) -> _TorchMeta:
-        device = batch.input_ids.device
-        starts = batch.cu_seqlens_q.tolist()
-        tables = batch.block_tables.tolist()
         short = [r for r, q in enumerate(batch.query_lens) if q <= _SHORT_QUERY]
         long_ = [r for r, q in enumerate(batch.query_lens) if q > _SHORT_QUERY]
-        groups = [self._group(batch, [r], starts, tables, device) for r in long_]
+        groups = [self._group(batch, [r]) for r in long_]
         if short:
-            groups.append(self._group(batch, short, starts, tables, device))
+            groups.append(self._group(batch, short))
         return _TorchMeta(slot_mapping=batch.slot_mapping, groups=groups)
 
     @staticmethod
-    def _group(batch: FlatBatch, reqs: list[int], starts: list[int], tables: list[list[int]],
-               device: torch.device) -> _Group:
-        bs = batch.block_size
+    def _group(batch: FlatBatch, reqs: list[int]) -> _Group:
+        device = batch.input_ids.device
+        rows = torch.tensor(reqs, device=device)
+        starts = batch.cu_seqlens_q.index_select(0, rows).long()  # [S]
+        q_lens = torch.tensor([batch.query_lens[r] for r in reqs], device=device)
+        ctx = torch.tensor([batch.context_lens[r] for r in reqs], device=device)
         q_max = max(batch.query_lens[r] for r in reqs)
+        qi = torch.arange(q_max, device=device)
         if len(reqs) == 1 and batch.context_lens[reqs[0]] == 0:
             # A fresh prompt chunk: its keys are exactly its own tokens, plain causal attention.
-            r = reqs[0]
-            idx = torch.arange(starts[r], starts[r] + q_max, device=device)
-            return _Group(idx[None], None, None, torch.arange(q_max, device=device), idx)
+            idx = starts[0] + qi
+            return _Group(idx[None], None, None, qi, idx)
+        is_query = qi[None, :] < q_lens[:, None]  # [S, Qmax]
+        q_index = torch.where(is_query, starts[:, None] + qi[None, :], 0)
+        seq_lens = ctx + q_lens
         l_max = max(batch.context_lens[r] + batch.query_lens[r] for r in reqs)
-        q_index = torch.zeros(len(reqs), q_max, dtype=torch.long)
-        kv_slots = torch.zeros(len(reqs), l_max, dtype=torch.long)
-        mask = torch.zeros(len(reqs), 1, q_max, l_max, dtype=torch.bool)
-        valid, token_index = [], []
-        for g, r in enumerate(reqs):
-            q_len, ctx = batch.query_lens[r], batch.context_lens[r]
-            seq_len = ctx + q_len
-            q_index[g, :q_len] = torch.arange(starts[r], starts[r] + q_len)
-            pos = torch.arange(seq_len)
-            table = torch.tensor(tables[r], dtype=torch.long)
-            kv_slots[g, :seq_len] = table[pos // bs] * bs + pos % bs
-            # query i sits at position ctx+i and sees keys 0..ctx+i
-            mask[g, 0, :q_len, :seq_len] = pos[None, :] <= (ctx + torch.arange(q_len))[:, None]
-            mask[g, 0, q_len:, 0] = True  # padded rows see one key, so softmax stays finite
-            valid.extend(range(g * q_max, g * q_max + q_len))
-            token_index.extend(range(starts[r], starts[r] + q_len))
-        return _Group(q_index.to(device), kv_slots.to(device), mask.to(device),
-                      torch.tensor(valid, device=device), torch.tensor(token_index, device=device))
+        pos = torch.arange(l_max, device=device)
+        tables = batch.block_tables.index_select(0, rows).long()  # [S, max_blocks]
+        bs = batch.block_size
+        block_idx = (pos // bs).clamp(max=tables.shape[1] - 1).expand(len(reqs), -1)
+        kv_slots = tables.gather(1, block_idx) * bs + pos % bs
+        kv_slots = torch.where(pos[None, :] < seq_lens[:, None], kv_slots, 0)  # [S, Lmax]
+        # query i sits at position ctx+i and sees keys 0..ctx+i; padded rows see key 0 only,
+        # so their softmax stays finite
+        visible = pos[None, None, :] <= (ctx[:, None] + qi[None, :])[:, :, None]
+        mask = torch.where(is_query[:, :, None], visible, pos[None, None, :] == 0)[:, None]
+        valid = is_query.reshape(-1).nonzero()[:, 0]
+        return _Group(q_index, kv_slots, mask, valid, q_index.reshape(-1).index_select(0, valid))
 
     def attend(self, q, k, v, k_cache, v_cache, meta: _TorchMeta, scale):
         k_cache.view(-1, *k_cache.shape[-2:]).index_copy_(0, meta.slot_mapping, k)

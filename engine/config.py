@@ -43,6 +43,12 @@ class CacheConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SpeculativeConfig:
+    draft: str | None = None  # None = plain decoding; "ngram"
+    num_draft_tokens: int = 4  # γ: the most draft tokens proposed per request and step
+
+
+@dataclass(frozen=True, slots=True)
 class EngineConfig:
     model: str | None = None  # None = the embedded default model
     device: str = "cpu"
@@ -53,6 +59,7 @@ class EngineConfig:
     seed: int = 0  # seeds the randomness of unseeded requests
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -71,7 +78,8 @@ class EngineConfig:
             dtype = default_dtype(device)
         if dtype not in DTYPES:
             raise InvalidRequest(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}", "dtype")
-        nested = {"cache": CacheConfig(), "scheduler": SchedulerConfig()}
+        nested = {"cache": CacheConfig(), "scheduler": SchedulerConfig(),
+                  "speculative": SpeculativeConfig()}
         top: dict[str, Any] = {}
         top_names = {f.name for f in fields(cls)} - set(nested)
         for key, value in options.items():

@@ -22,12 +22,36 @@ class FlatBatch:
     cu_seqlens_k: torch.Tensor  # [num_reqs + 1] int32
     seq_lens: torch.Tensor  # [num_reqs] int32
     block_tables: torch.Tensor  # [num_reqs, max_num_blocks] int32, padded with 0
-    logits_indices: torch.Tensor  # [num_sampled] int64, flat index of each sampled token
+    # Flat indices of the tokens whose logits are needed: the last token of a request that
+    # samples, and for a verifying request all of its 1 + ℓ_r tokens.
+    logits_indices: torch.Tensor  # [num_logits] int64
     # Host copies, so backends can plan without device syncs.
     query_lens: list[int]
     context_lens: list[int]  # tokens already in the KV cache before this step
-    sampled_req_indices: list[int]  # which requests own the rows of logits_indices
+    sampled_req_indices: list[int]  # requests that sample, in order
+    num_draft_tokens: list[int]  # ℓ_r of each sampling request; its logits rows are 1 + ℓ_r
     block_size: int
+
+    @property
+    def cu_num_logits(self) -> list[int]:
+        """Row offsets of each sampling request in the logits: request i owns rows
+        cu[i]:cu[i+1], the first ℓ_i verify its drafts and the last gives the bonus token."""
+        out = [0]
+        for n in self.num_draft_tokens:
+            out.append(out[-1] + n + 1)
+        return out
+
+    @property
+    def target_logits_indices(self) -> list[int]:
+        """Logits rows that score draft tokens (vLLM's worked example: ℓ = [3, 0, 2, 0, 1]
+        gives [0, 1, 2, 5, 6, 9])."""
+        cu = self.cu_num_logits
+        return [cu[i] + k for i, n in enumerate(self.num_draft_tokens) for k in range(n)]
+
+    @property
+    def bonus_logits_indices(self) -> list[int]:
+        """Logits rows that give each request's bonus token ([3, 4, 7, 8, 10] in that example)."""
+        return [c - 1 for c in self.cu_num_logits[1:]]
 
     @property
     def num_tokens(self) -> int:
@@ -54,6 +78,7 @@ class FlatBatch:
         context_lens: list[int] = []
         logits_indices: list[int] = []
         sampled: list[int] = []
+        num_draft: list[int] = []
         for r, s in enumerate(sched_out.scheduled):
             n = s.num_tokens
             input_ids.extend(s.token_ids)
@@ -64,8 +89,10 @@ class FlatBatch:
             query_lens.append(n)
             context_lens.append(s.start_pos)
             if s.sample:
-                logits_indices.append(len(input_ids) - 1)
+                last = len(input_ids) - 1
+                logits_indices.extend(range(last - s.num_draft_tokens, last + 1))
                 sampled.append(r)
+                num_draft.append(s.num_draft_tokens)
         seq_lens = [c + q for c, q in zip(context_lens, query_lens)]
         max_blocks = max((len(s.block_table) for s in sched_out.scheduled), default=0)
         tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in sched_out.scheduled]
@@ -91,5 +118,6 @@ class FlatBatch:
             query_lens=query_lens,
             context_lens=context_lens,
             sampled_req_indices=sampled,
+            num_draft_tokens=num_draft,
             block_size=block_size,
         )

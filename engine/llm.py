@@ -6,6 +6,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from draft import Drafter
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.output_processor import RequestOutput
@@ -27,8 +28,8 @@ class LLM:
     """`model=None` serves the embedded default; otherwise a Hugging Face directory or .gguf."""
 
     def __init__(self, model: str | None = None, device: str | None = None, dtype: str | None = None,
-                 **engine_options: Any) -> None:
-        self.engine = LLMEngine(EngineConfig.from_options(model, device, dtype, **engine_options))
+                 drafter: Drafter | None = None, **engine_options: Any) -> None:
+        self.engine = LLMEngine(EngineConfig.from_options(model, device, dtype, **engine_options), drafter)
         self.tokenizer = self.engine.tokenizer
 
     def generate(self, prompts: Prompt | Sequence[Prompt],

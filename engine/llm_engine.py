@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from draft import Drafter, make_drafter
 from engine.attention import FlashAttention, make_backend
 from engine.config import EngineConfig
 from engine.kv_cache import PagedKVCache
@@ -24,7 +25,8 @@ logger = logging.getLogger(__name__)
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, drafter: Drafter | None = None) -> None:
+        """`drafter` overrides `config.speculative.draft` with a ready instance (tests, custom)."""
         self.config = config
         self.device = torch.device(config.device)
         if self.device.type == "cpu":
@@ -58,8 +60,11 @@ class LLMEngine:
                                  ckpt.arch.max_position_embeddings, capacity)
         self.block_manager = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        spec = config.speculative
+        if drafter is None and spec.draft:
+            drafter = make_drafter(spec.draft, spec.num_draft_tokens)
         self.runner = ModelRunner(self.model, self.kv_cache, self.backend,
-                                  Sampler(self.device, config.seed), self.device)
+                                  Sampler(self.device, config.seed), self.device, drafter)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         logger.info("loaded %s (%s, %d layers) on %s/%s in %.1fs; attention=%s, KV cache %d blocks x %d "

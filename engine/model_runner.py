@@ -4,6 +4,7 @@ import logging
 
 import torch
 
+from draft import DraftInput, Drafter
 from engine.attention import AttentionBackend
 from engine.flat_batch import FlatBatch
 from engine.kv_cache import PagedKVCache
@@ -16,15 +17,21 @@ logger = logging.getLogger(__name__)
 
 class ModelRunner:
     def __init__(self, model: CausalLM, kv_cache: PagedKVCache, backend: AttentionBackend,
-                 sampler: Sampler, device: torch.device) -> None:
+                 sampler: Sampler, device: torch.device, drafter: Drafter | None = None) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.backend = backend
         self.sampler = sampler
         self.device = device
+        self.drafter = drafter
+        # Draft distributions of the latest proposal per request (physical state: the
+        # scheduler sees only token ids and confidences).
+        self._draft_probs: dict[str, torch.Tensor | None] = {}
 
     @torch.inference_mode()
     def execute(self, sched_out: SchedulerOutput) -> ModelRunnerOutput:
+        for req_id in sched_out.finished_req_ids:
+            self._forget(req_id)
         req_ids = [s.req_id for s in sched_out.scheduled]
         sampled: list[list[int]] = [[] for _ in req_ids]
         if not req_ids:
@@ -33,11 +40,41 @@ class ModelRunner:
         if batch.sampled_req_indices:
             logits = self.model.compute_logits(hidden.index_select(0, batch.logits_indices))  # [N, vocab]
             reqs = [sched_out.scheduled[r] for r in batch.sampled_req_indices]
-            tokens = self.sampler.sample(logits, [s.params for s in reqs],
-                                         [s.num_output_tokens for s in reqs])
-            for r, token in zip(batch.sampled_req_indices, tokens):
-                sampled[r] = [token]
-        return ModelRunnerOutput(req_ids, sampled)
+            drafts = [s.token_ids[len(s.token_ids) - s.num_draft_tokens:] for s in reqs]
+            draft_probs = [self._draft_probs_for(s) for s in reqs]
+            tokens = self.sampler.verify(logits, [s.params for s in reqs],
+                                         [s.num_output_tokens for s in reqs], drafts, draft_probs)
+            for r, new in zip(batch.sampled_req_indices, tokens):
+                sampled[r] = new
+        out = ModelRunnerOutput(req_ids, sampled)
+        if self.drafter is not None:
+            self._propose(sched_out, out)
+        return out
+
+    def _draft_probs_for(self, s) -> torch.Tensor | None:
+        probs = self._draft_probs.get(s.req_id) if s.num_draft_tokens else None
+        return None if probs is None else probs[:s.num_draft_tokens]
+
+    def _propose(self, sched_out: SchedulerOutput, out: ModelRunnerOutput) -> None:
+        """Draft for every request that just committed tokens, from its history plus them."""
+        inputs, rows = [], []
+        for r, (s, new) in enumerate(zip(sched_out.scheduled, out.sampled_token_ids)):
+            if new:
+                assert s.history is not None
+                num_computed = s.start_pos + s.num_tokens - s.num_draft_tokens + len(new) - 1
+                inputs.append(DraftInput(s.req_id, s.history + new, num_computed))
+                rows.append(r)
+        out.draft_token_ids = [[] for _ in out.req_ids]
+        out.draft_confidences = [None for _ in out.req_ids]
+        for r, proposal in zip(rows, self.drafter.propose(inputs)):
+            out.draft_token_ids[r] = proposal.draft_token_ids
+            out.draft_confidences[r] = proposal.confidences
+            self._draft_probs[out.req_ids[r]] = proposal.draft_probs
+
+    def _forget(self, req_id: str) -> None:
+        self._draft_probs.pop(req_id, None)
+        if self.drafter is not None:
+            self.drafter.free(req_id)
 
     @torch.inference_mode()
     def all_logits(self, sched_out: SchedulerOutput) -> torch.Tensor:

@@ -45,6 +45,9 @@ class _RequestState:
     sent_text_len: int = 0
     sent_token_len: int = 0
     first_token_time: float | None = None
+    num_spec_rounds: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
 
 class OutputProcessor:
@@ -66,10 +69,23 @@ class OutputProcessor:
         now = time.monotonic()
         if update.new_token_ids and st.first_token_time is None:
             st.first_token_time = now
-        st.token_ids.extend(update.new_token_ids)
-        st.text = self.tokenizer.decode(st.token_ids)
+        if update.num_draft_tokens:
+            st.num_spec_rounds += 1
+            st.num_draft_tokens += update.num_draft_tokens
+            st.num_accepted_tokens += update.num_accepted_tokens
+        hit = None
+        if st.stop:
+            # One token at a time: a stop string inside an accepted run ends the output there.
+            for token_id in update.new_token_ids:
+                st.token_ids.append(token_id)
+                st.text = self.tokenizer.decode(st.token_ids)
+                hit = self._find_stop(st)
+                if hit is not None:
+                    break
+        else:
+            st.token_ids.extend(update.new_token_ids)
+            st.text = self.tokenizer.decode(st.token_ids)
         finish_reason, stop_reason = update.finish_reason, None
-        hit = self._find_stop(st)
         if hit is not None:
             idx, stop_reason = hit
             st.text = st.text[:idx]
@@ -86,6 +102,8 @@ class OutputProcessor:
             text=st.text, delta_token_ids=delta_ids, delta_text=delta_text, finished=finished,
             finish_reason=finish_reason, stop_reason=stop_reason, arrival_time=st.arrival_time,
             first_token_time=st.first_token_time, finished_time=now if finished else None,
+            num_spec_rounds=st.num_spec_rounds, num_draft_tokens=st.num_draft_tokens,
+            num_accepted_tokens=st.num_accepted_tokens,
         )
         if finished:
             del self._states[st.req_id]

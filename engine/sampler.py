@@ -49,6 +49,12 @@ def _apply_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float
     return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
 
 
+def _keyed_generator(seed: int, position: int, stream: int, device: torch.device) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(hash((seed, position, stream)) & _MASK64)
+    return gen
+
+
 def exponential_noise(params: list[SamplingParams], positions: list[int], vocab: int,
                       device: torch.device, generator: torch.Generator) -> torch.Tensor:
     """[N, V] Exp(1) noise; argmax(probs / noise) is a sample from probs (the exponential race).
@@ -56,16 +62,35 @@ def exponential_noise(params: list[SamplingParams], positions: list[int], vocab:
     Rows of seeded requests draw from a generator keyed on (seed, output position).
     """
     noise = torch.empty(len(params), vocab, device=device)
+    unseeded = [i for i, p in enumerate(params) if p.seed is None]
+    if unseeded:
+        rows = torch.empty(len(unseeded), vocab, device=device).exponential_(generator=generator)
+        noise[unseeded] = rows
     for i, (p, pos) in enumerate(zip(params, positions)):
-        gen = generator
         if p.seed is not None:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(hash((p.seed, pos)) & _MASK64)
-        noise[i].exponential_(generator=gen)
+            noise[i].exponential_(generator=_keyed_generator(p.seed, pos, 0, device))
     return noise
 
 
+def _uniforms(p: SamplingParams, position: int, n: int, device: torch.device,
+              generator: torch.Generator) -> torch.Tensor:
+    """[n] uniforms in (0, 1] for the accept tests of draft positions position..position+n-1."""
+    if p.seed is None:
+        return 1.0 - torch.rand(n, device=device, generator=generator)
+    return torch.cat([1.0 - torch.rand(1, device=device, generator=_keyed_generator(p.seed, position + k, 1, device))
+                      for k in range(n)])
+
+
 class Sampler:
+    """Plain sampling and lossless verification of draft tokens, in one code path.
+
+    Request i owns logits rows cu[i]:cu[i+1] (1 + ℓ_i rows). Draft x_k is accepted with
+    probability min(1, p_t(x_k) / p_d(x_k)); at the first rejection the token is resampled from
+    norm(max(0, p_t - p_d)); if all ℓ_i are accepted a bonus token is sampled from the last row.
+    With ℓ_i = 0 this is plain sampling. Greedy requests (p_t one-hot) accept exactly the drafts
+    that equal the argmax. Deterministic drafters (p_d None) mean one-hot p_d.
+    """
+
     def __init__(self, device: torch.device, seed: int) -> None:
         self.device = device
         self.generator = torch.Generator(device=device)
@@ -74,8 +99,67 @@ class Sampler:
     def sample(self, logits: torch.Tensor, params: list[SamplingParams],
                positions: list[int]) -> list[int]:
         """One token per row of `logits` [N, V]; `positions` are the rows' output indices."""
+        out = self.verify(logits, params, positions, [[] for _ in params], [None] * len(params))
+        return [t[0] for t in out]
+
+    def verify(self, logits: torch.Tensor, params: list[SamplingParams], positions: list[int],
+               draft_ids: list[list[int]], draft_probs: list[torch.Tensor | None]) -> list[list[int]]:
+        """logits [Σ(1 + ℓ_i), V] -> per request the accepted drafts plus one new token."""
+        num_draft = [len(d) for d in draft_ids]
         if all(p.temperature == 0 for p in params):
-            return logits.argmax(dim=-1).tolist()
-        probs = target_probs(logits, params)
-        noise = exponential_noise(params, positions, probs.shape[-1], self.device, self.generator)
-        return (probs / noise).argmax(dim=-1).tolist()
+            return self._verify_greedy(logits, draft_ids)
+        row_params = [p for p, n in zip(params, num_draft) for _ in range(n + 1)]
+        probs = target_probs(logits, row_params)  # [R, V]
+        cu = [0]
+        for n in num_draft:
+            cu.append(cu[-1] + n + 1)
+        accepted: list[list[int]] = []
+        final_rows: list[torch.Tensor] = []
+        final_positions: list[int] = []
+        for i, (p, pos, drafts, dprobs) in enumerate(zip(params, positions, draft_ids, draft_probs)):
+            n, base = len(drafts), cu[i]
+            j = n  # index of the first rejected draft; n = all accepted
+            if n:
+                d = torch.tensor(drafts, device=probs.device)
+                pt = probs[base:base + n].gather(1, d[:, None])[:, 0]
+                pd = torch.ones_like(pt) if dprobs is None else dprobs[:n].gather(1, d[:, None])[:, 0]
+                u = _uniforms(p, pos, n, probs.device, self.generator)
+                ok = (u * pd <= pt) & (pt > 0)  # u <= p_t / p_d without dividing by zero
+                rejected = (~ok).nonzero()
+                if rejected.numel():
+                    j = int(rejected[0, 0])
+            row = probs[base + j]
+            if j < n:
+                row = self.recovery_distribution(row, drafts[j], None if dprobs is None else dprobs[j])
+            accepted.append(drafts[:j])
+            final_rows.append(row)
+            final_positions.append(pos + j)
+        # The exponential race is invariant to scale, so residuals need no normalising.
+        rows = torch.stack(final_rows)
+        noise = exponential_noise(params, final_positions, rows.shape[-1], self.device, self.generator)
+        tokens = (rows / noise).argmax(dim=-1).tolist()
+        return [a + [t] for a, t in zip(accepted, tokens)]
+
+    @staticmethod
+    def recovery_distribution(target: torch.Tensor, draft_token: int,
+                              draft: torch.Tensor | None) -> torch.Tensor:
+        """Unnormalised max(0, p_t - p_d) after rejecting `draft_token` ([V] rows)."""
+        if draft is None:
+            residual = target.clone()
+            residual[draft_token] = 0.0
+        else:
+            residual = (target - draft).clamp_(min=0.0)
+        # p_t == p_d leaves no residual mass; a rejection then had probability 0 anyway
+        return residual if residual.sum() > 0 else target
+
+    @staticmethod
+    def _verify_greedy(logits: torch.Tensor, draft_ids: list[list[int]]) -> list[list[int]]:
+        best = logits.argmax(dim=-1).tolist()
+        out, base = [], 0
+        for drafts in draft_ids:
+            j = 0
+            while j < len(drafts) and drafts[j] == best[base + j]:
+                j += 1
+            out.append(drafts[:j] + [best[base + j]])
+            base += len(drafts) + 1
+        return out

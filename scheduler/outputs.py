@@ -18,6 +18,10 @@ class ScheduledRequest:
     sample: bool
     # Number of output tokens already committed: seeded sampling keys its randomness on it.
     num_output_tokens: int
+    # The last `num_draft_tokens` of `token_ids` are draft tokens to verify (ℓ_r; 0 = plain).
+    num_draft_tokens: int = 0
+    # The request's committed tokens (read-only view) for drafters that look at history.
+    history: list[int] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -44,10 +48,13 @@ class SchedulerOutput:
 
 @dataclass(slots=True)
 class ModelRunnerOutput:
-    """What a step produced: for each scheduled request, in order, the token ids it sampled."""
+    """What a step produced, per scheduled request in order: the token ids it committed
+    (accepted drafts, then one recovered or bonus token) and the drafter's next proposal."""
 
     req_ids: list[str]
     sampled_token_ids: list[list[int]]
+    draft_token_ids: list[list[int]] | None = None
+    draft_confidences: list[list[float] | None] | None = None
 
 
 @dataclass(slots=True)
@@ -58,4 +65,5 @@ class RequestUpdate:
     new_token_ids: list[int]
     finish_reason: str | None
     num_prompt_tokens: int
-    num_cached_tokens: int = 0
+    num_draft_tokens: int = 0  # verified this step
+    num_accepted_tokens: int = 0

@@ -25,7 +25,7 @@ class RequestStatus(enum.Enum):
         return self.value if self.finished else None
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # identity equality: queues remove requests by identity
 class Request:
     """One generation. `token_ids` holds prompt then output; KV covers the first `num_computed_tokens`."""
 
@@ -41,6 +41,12 @@ class Request:
     block_table: list[int] = field(default_factory=list)
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
+    # Speculative decoding: the drafter's latest proposal, verified in the next step.
+    draft_token_ids: list[int] = field(default_factory=list)
+    draft_confidences: list[float] | None = None
+    num_spec_rounds: int = 0
+    num_draft_tokens_verified: int = 0
+    num_accepted_tokens: int = 0
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_ids)
@@ -56,6 +62,11 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - len(self.prompt_ids)
+
+    @property
+    def is_decoding(self) -> bool:
+        """All tokens but the last are in the KV cache: the next step decodes (and verifies)."""
+        return self.num_computed_tokens == self.num_tokens - 1
 
     @property
     def output_ids(self) -> list[int]:

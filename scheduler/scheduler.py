@@ -14,6 +14,7 @@ from scheduler.block_manager import BlockManager
 from scheduler.errors import CapacityExceeded
 from scheduler.outputs import ModelRunnerOutput, RequestUpdate, ScheduledRequest, SchedulerOutput
 from scheduler.request import Request, RequestStatus
+from scheduler.verify_policy import make_verify_policy
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +26,8 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 512
     # Waiting requests beyond this are refused (CapacityExceeded); 0 means no limit.
     max_waiting: int = 0
+    # How many draft tokens each decoding request verifies (see scheduler/verify_policy.py).
+    verify_policy: str = "fixed"
 
 
 class Scheduler:
@@ -36,6 +39,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self._finished_since_last_step: list[str] = []
         self.num_preemptions = 0
+        self.verify_policy = make_verify_policy(config.verify_policy)
 
     # ---- queue management -------------------------------------------------------------
 
@@ -76,6 +80,7 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted = 0
+        verify_lengths = self._plan_verify_lengths()
 
         # Running requests first, oldest first; the newest are preempted when blocks run out.
         i = 0
@@ -83,6 +88,10 @@ class Scheduler:
             req = self.running[i]
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             assert num_new > 0, "a running request always has a token to compute"
+            num_draft = 0
+            if req.is_decoding:
+                num_draft = min(verify_lengths.get(req.req_id, 0), budget - 1, self._max_useful_drafts(req))
+                num_new += num_draft
             while not self.block_manager.can_allocate(req, req.num_computed_tokens + num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -91,7 +100,7 @@ class Scheduler:
                     break
             else:
                 self.block_manager.allocate(req, req.num_computed_tokens + num_new)
-                scheduled.append(self._scheduled(req, num_new))
+                scheduled.append(self._scheduled(req, num_new, num_draft))
                 budget -= num_new
                 i += 1
                 continue
@@ -123,46 +132,75 @@ class Scheduler:
                            runner_out: ModelRunnerOutput) -> list[RequestUpdate]:
         """Apply a finished step to the logical requests; return what each one gained."""
         updates: list[RequestUpdate] = []
-        for sched, req_id, sampled in zip(sched_out.scheduled, runner_out.req_ids,
-                                          runner_out.sampled_token_ids, strict=True):
+        for idx, (sched, req_id, sampled) in enumerate(zip(
+                sched_out.scheduled, runner_out.req_ids, runner_out.sampled_token_ids, strict=True)):
             assert sched.req_id == req_id
             req = self.requests.get(req_id)
             if req is None or req.status != RequestStatus.RUNNING:
                 continue  # aborted while the step ran
-            req.num_computed_tokens += sched.num_tokens
+            # Drafts past the first rejection left garbage KV: roll it back by length.
+            num_accepted = len(sampled) - 1 if sched.num_draft_tokens else 0
+            req.num_computed_tokens += sched.num_tokens - (sched.num_draft_tokens - num_accepted)
+            if sched.num_draft_tokens:
+                req.num_spec_rounds += 1
+                req.num_draft_tokens_verified += sched.num_draft_tokens
+                req.num_accepted_tokens += num_accepted
+                self.block_manager.rollback(req, req.num_computed_tokens)
             new_ids: list[int] = []
             status = None
             for token_id in sampled:
                 new_ids.append(token_id)
                 status = req.append_token(token_id)
                 if status is not None:
-                    break
+                    break  # tokens after a stop are never emitted
             if status is not None:
                 self.running.remove(req)
                 self._finish(req, status)
+            elif runner_out.draft_token_ids is not None:
+                req.draft_token_ids = runner_out.draft_token_ids[idx]
+                req.draft_confidences = (runner_out.draft_confidences[idx]
+                                         if runner_out.draft_confidences else None)
             if new_ids or status is not None:
                 updates.append(RequestUpdate(req_id, new_ids, status.finish_reason if status else None,
-                                             req.num_prompt_tokens))
+                                             req.num_prompt_tokens, sched.num_draft_tokens, num_accepted))
         return updates
 
     # ---- helpers ----------------------------------------------------------------------
 
-    def _scheduled(self, req: Request, num_new: int) -> ScheduledRequest:
+    def _plan_verify_lengths(self) -> dict[str, int]:
+        decoding = [r for r in self.running if r.is_decoding and r.draft_token_ids]
+        if not decoding:
+            return {}
+        lengths = self.verify_policy.verify_lengths(decoding)
+        return {r.req_id: n for r, n in zip(decoding, lengths, strict=True)}
+
+    @staticmethod
+    def _max_useful_drafts(req: Request) -> int:
+        """Drafts beyond max_tokens or the context length could never be emitted."""
+        return max(0, min(len(req.draft_token_ids),
+                          req.params.max_tokens - req.num_output_tokens - 1,
+                          req.max_model_len - req.num_tokens - 1))
+
+    def _scheduled(self, req: Request, num_new: int, num_draft: int = 0) -> ScheduledRequest:
         start = req.num_computed_tokens
+        token_ids = req.token_ids[start:start + num_new - num_draft] + req.draft_token_ids[:num_draft]
         return ScheduledRequest(
             req_id=req.req_id,
-            token_ids=req.token_ids[start:start + num_new],
+            token_ids=token_ids,
             start_pos=start,
             block_table=list(req.block_table),
             params=req.params,
-            sample=start + num_new == req.num_tokens,
+            sample=start + num_new - num_draft == req.num_tokens,
             num_output_tokens=req.num_output_tokens,
+            num_draft_tokens=num_draft,
+            history=req.token_ids,
         )
 
     def _preempt(self, req: Request) -> None:
         """Drop the KV of `req` and queue it first in line; it recomputes prompt and output."""
         self.block_manager.free(req)
         req.num_computed_tokens = 0
+        req.draft_token_ids = []
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
         self.num_preemptions += 1

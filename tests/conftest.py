@@ -29,12 +29,26 @@ def write_byte_tokenizer(path: Path) -> int:
     return len(vocab)
 
 
-def make_tiny_model(path: Path, arch: str = "llama", seed: int = 0) -> Path:
-    """Save a 2-layer random model of `arch` (llama, qwen2, qwen3) with transformers."""
+def write_word_tokenizer(path: Path, vocab_size: int) -> int:
+    """A word-level tokenizer of `vocab_size` tokens t0, t1, ... (for tiny-vocabulary models)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML}))
+    return vocab_size
+
+
+def make_tiny_model(path: Path, arch: str = "llama", seed: int = 0, vocab_size: int | None = None,
+                    weight_std: float = 0.3) -> Path:
+    """Save a 2-layer random model of `arch` (llama, qwen2, qwen3) with transformers.
+
+    With `vocab_size` the tokenizer is word-level with that many tokens, else byte-level."""
     import transformers
 
     path.mkdir(parents=True, exist_ok=True)
-    vocab = write_byte_tokenizer(path)
+    vocab = write_word_tokenizer(path, vocab_size) if vocab_size else write_byte_tokenizer(path)
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                   rms_norm_eps=1e-6, rope_theta=10000.0, eos_token_id=2, bos_token_id=None,
@@ -50,7 +64,7 @@ def make_tiny_model(path: Path, arch: str = "llama", seed: int = 0) -> Path:
     with torch.no_grad():  # larger weights than the default init, so outputs are not near-uniform
         for p in model.parameters():
             if p.dim() == 2:
-                p.normal_(0, 0.3)
+                p.normal_(0, weight_std)
     model.save_pretrained(path, safe_serialization=True)
     return path
 

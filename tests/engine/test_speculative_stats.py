@@ -1,0 +1,105 @@
+"""Speculative sampling is lossless in distribution: with a deliberately bad drafter (random,
+peaked draft distributions, so the residual path runs constantly) the first generated tokens
+are distributed exactly as plain sampling; and the test notices a biased verifier."""
+
+import collections
+
+import pytest
+import torch
+from scipy.stats import chi2_contingency
+
+from draft import DraftInput, Drafter, Proposal
+from engine import LLM, SamplingParams
+from engine.sampler import Sampler
+from tests.conftest import make_tiny_model
+
+VOCAB = 8
+NUM_SAMPLES = 20_000
+PROMPT = [1, 5, 2]
+
+
+class RandomDrafter(Drafter):
+    """Samples each draft token from its own random, sharply peaked distribution, skewed
+    towards low token ids (a skew that a verifier without residual correction would leak)."""
+
+    name = "random"
+
+    def __init__(self, num_draft_tokens: int, seed: int = 0) -> None:
+        self.num_draft_tokens = num_draft_tokens
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def propose(self, inputs: list[DraftInput]) -> list[Proposal]:
+        n, k = len(inputs), self.num_draft_tokens
+        skew = torch.linspace(2.0, -2.0, VOCAB)
+        probs = (3.0 * torch.randn(n, k, VOCAB, generator=self.gen) + skew).softmax(-1)
+        tokens = torch.multinomial(probs.view(-1, VOCAB), 1, generator=self.gen).view(n, k)
+        return [Proposal(tokens[i].tolist(), probs[i]) for i in range(n)]
+
+
+class NoResidualSampler(Sampler):
+    """A broken verifier: after a rejection it resamples from p_t instead of max(0, p_t - p_d)."""
+
+    @staticmethod
+    def recovery_distribution(target, draft_token, draft):
+        return target
+
+
+@pytest.fixture(scope="module")
+def tiny_vocab_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("vocab8"), "llama", seed=1, vocab_size=VOCAB,
+                           weight_std=0.08)
+
+
+def first_tokens(path, params: SamplingParams, drafter: Drafter | None, sampler_cls=Sampler,
+                 seed: int = 0) -> collections.Counter:
+    llm = LLM(model=str(path), device="cpu", dtype="float32", drafter=drafter, seed=seed,
+              max_num_seqs=4096, max_num_batched_tokens=16384, num_blocks=8192, block_size=4)
+    eng = llm.engine
+    eng.runner.sampler = sampler_cls(eng.device, seed)
+    counts: collections.Counter = collections.Counter()
+    for start in range(0, NUM_SAMPLES, 4000):
+        for _ in range(min(4000, NUM_SAMPLES - start)):
+            eng.add_request(PROMPT, params)
+        while eng.has_unfinished():
+            for out in eng.step():
+                if out.finished:
+                    counts[tuple(out.token_ids[:3])] += 1
+    if drafter is not None:
+        assert eng.scheduler.num_preemptions == 0
+    return counts
+
+
+def same_distribution_p(a: collections.Counter, b: collections.Counter) -> float:
+    """Chi-square test of homogeneity; cells expected < 5 in total are pooled."""
+    keys = sorted(set(a) | set(b))
+    big = [k for k in keys if a[k] + b[k] >= 10]
+    small = [k for k in keys if a[k] + b[k] < 10]
+    table = [[a[k] for k in big] + [sum(a[k] for k in small)],
+             [b[k] for k in big] + [sum(b[k] for k in small)]]
+    if not small:
+        table = [row[:-1] for row in table]
+    return chi2_contingency(table)[1]
+
+
+VARIANTS = {
+    "temperature": SamplingParams(max_tokens=4, temperature=1.0, ignore_eos=True),
+    "top_k": SamplingParams(max_tokens=4, temperature=0.8, top_k=4, ignore_eos=True),
+    "top_p": SamplingParams(max_tokens=4, temperature=1.2, top_p=0.7, ignore_eos=True),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_speculative_matches_plain_sampling(tiny_vocab_dir, variant):
+    params = VARIANTS[variant]
+    plain = first_tokens(tiny_vocab_dir, params, None, seed=1)
+    spec = first_tokens(tiny_vocab_dir, params, RandomDrafter(3, seed=2), seed=3)
+    assert sum(plain.values()) == sum(spec.values()) == NUM_SAMPLES
+    assert len(plain) > 20  # the joint of 3 tokens is spread over many cells
+    assert same_distribution_p(plain, spec) > 0.001
+
+
+def test_biased_verifier_is_detected(tiny_vocab_dir):
+    params = VARIANTS["temperature"]
+    plain = first_tokens(tiny_vocab_dir, params, None, seed=1)
+    biased = first_tokens(tiny_vocab_dir, params, RandomDrafter(3, seed=2), NoResidualSampler, seed=3)
+    assert same_distribution_p(plain, biased) < 0.001
