@@ -6,9 +6,11 @@ from scheduler.outputs import ModelRunnerOutput, RequestUpdate, ScheduledRequest
 from scheduler.request import Request, RequestStatus
 from scheduler.sampling_params import SamplingParams
 from scheduler.scheduler import Scheduler, SchedulerConfig
+from scheduler.verify_planner import plan_verify_lengths
 
 __all__ = [
     "BlockManager", "CapacityExceeded", "DSparkError", "EngineDead", "InvalidRequest",
     "ModelLoadError", "ModelRunnerOutput", "Request", "RequestStatus", "RequestUpdate",
     "SamplingParams", "ScheduledRequest", "Scheduler", "SchedulerConfig", "SchedulerOutput",
+    "plan_verify_lengths",
 ]

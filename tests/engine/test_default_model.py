@@ -64,3 +64,40 @@ def test_batching_is_invisible_on_default_model(default_llm):
     small = LLM(dtype="float32", device="cpu", num_blocks=80, block_size=4)
     assert run_staggered(small, prompts, params, per_step=4) == expected
     assert small.engine.scheduler.num_preemptions > 0
+
+
+@pytest.mark.parametrize("gamma", [1, 3, 7])
+def test_ngram_speculation_is_greedy_lossless(gamma):
+    """16 concurrent requests, each step verifying a different number of drafts per request,
+    give exactly plain greedy output."""
+    from tests.engine.test_engine import run_staggered
+
+    llm = LLM(dtype="float32", device="cpu", draft="ngram", num_draft_tokens=gamma)
+    # copy-heavy prompts make the n-gram drafter propose; chat prompts make it miss
+    code = "def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)\n"
+    texts = CHATS + [f"Repeat this code exactly:\n{code}", f"Add comments to:\n{code}"] * 4
+    prompts = [llm.encode_chat([{"role": "user", "content": t}]) for t in texts]
+    params = [SamplingParams(max_tokens=32, temperature=0) for _ in prompts]
+    expected = _plain_greedy(prompts, params)
+    verify_lengths: list[list[int]] = []
+    execute = llm.engine.runner.execute
+
+    def recording_execute(sched_out):
+        verify_lengths.append([s.num_draft_tokens for s in sched_out.scheduled if s.sample])
+        return execute(sched_out)
+
+    llm.engine.runner.execute = recording_execute
+    assert run_staggered(llm, prompts, params, per_step=16) == expected
+    assert any(len(set(step)) > 1 for step in verify_lengths), "no step mixed verify lengths"
+    assert max(max(step, default=0) for step in verify_lengths) == gamma
+
+
+_PLAIN_CACHE: dict[tuple, dict[int, list[int]]] = {}
+
+
+def _plain_greedy(prompts, params) -> dict[int, list[int]]:
+    key = tuple(map(tuple, prompts))
+    if key not in _PLAIN_CACHE:
+        outs = LLM(dtype="float32", device="cpu").generate(prompts, params)
+        _PLAIN_CACHE[key] = {i: o.token_ids for i, o in enumerate(outs)}
+    return _PLAIN_CACHE[key]

@@ -1,0 +1,93 @@
+"""The confidence scheduler: Appendix A of the DSpark paper, reproduced by Monte Carlo through
+the engine's real rejection sampler, and the load response on a synthetic SPS curve."""
+
+import numpy as np
+import pytest
+import torch
+
+from engine.sampler import Sampler
+from scheduler import SamplingParams
+from scheduler.verify_planner import (best_capacity, lengths_from_capacity, plan_verify_lengths,
+                                      survival)
+
+P_T = torch.tensor([0.7, 0.3])
+P_D = torch.tensor([0.5, 0.5])
+# The exact acceptance probability of each drafted token: min(1, p_t / p_d)
+ACCEPT = {0: 1.0, 1: 0.6}
+SPS_TABLE = {1: 1.0, 2: 0.5, 3: 0.45}
+TRIALS = 40_000
+
+
+def sps(batch: int) -> float:
+    return SPS_TABLE[batch]
+
+
+def first_token_frequency(lengths_for: "callable", seed: int) -> float:
+    """Draft 2 tokens from p_d, plan ℓ with `lengths_for(confidences)`, verify, return P(A)."""
+    gen = torch.Generator().manual_seed(seed)
+    drafts = torch.multinomial(P_D.expand(TRIALS, 2), 1, replacement=True, generator=gen)
+    drafts = drafts.view(TRIALS, 1)
+    drafts = torch.cat([drafts, torch.multinomial(P_D.expand(TRIALS, 2), 1, generator=gen)], 1)
+    conf = np.vectorize(ACCEPT.get)(drafts.numpy()).astype(float)
+    lengths = lengths_for(conf)
+    params = [SamplingParams(temperature=1.0)] * TRIALS
+    draft_ids = [drafts[i, :lengths[i]].tolist() for i in range(TRIALS)]
+    logits = torch.cat([P_T.log().expand(n + 1, 2) for n in lengths.tolist()])
+    sampler = Sampler(torch.device("cpu"), seed)
+    out = sampler.verify(logits, params, [0] * TRIALS, draft_ids, [P_D.expand(2, 2)] * TRIALS)
+    return sum(tokens[0] == 0 for tokens in out) / TRIALS
+
+
+def test_appendix_a_global_mode_on_current_draft_is_biased():
+    per_request = lambda c: np.array([plan_verify_lengths(c[i:i + 1], sps, mode="global")[0]
+                                      for i in range(len(c))])
+    assert abs(first_token_frequency(per_request, seed=1) - 0.85) < 0.01
+
+
+def test_appendix_a_causal_mode_is_lossless():
+    per_request = lambda c: np.array([plan_verify_lengths(c[i:i + 1], sps, mode="causal")[0]
+                                      for i in range(len(c))])
+    assert abs(first_token_frequency(per_request, seed=2) - 0.70) < 0.01
+
+
+def test_appendix_a_production_two_steps_earlier_is_lossless():
+    """K comes from a global search over the confidences of two steps earlier (an independent
+    draft), then this step's tokens are admitted top-K by current survival."""
+    rng = np.random.default_rng(3)
+
+    def production(conf: np.ndarray) -> np.ndarray:
+        earlier = np.vectorize(ACCEPT.get)(rng.integers(0, 2, size=conf.shape)).astype(float)
+        return np.array([lengths_from_capacity(survival(conf[i:i + 1]),
+                                               best_capacity(survival(earlier[i:i + 1]), sps, 1))[0]
+                         for i in range(len(conf))])
+
+    assert abs(first_token_frequency(production, seed=4) - 0.70) < 0.01
+
+
+def test_lengths_respect_prefixes_and_bounds():
+    conf = np.array([[0.9, 0.9, 0.1], [0.5, 1.0, 1.0], [1.0, 1.0, 1.0]])
+    flat = lambda b: 1.0  # free verification: everything is admitted
+    assert plan_verify_lengths(conf, flat, mode="global").tolist() == [3, 3, 3]
+    assert plan_verify_lengths(conf, flat, mode="causal").tolist() == [3, 3, 3]
+    costly = lambda b: 1.0 / b  # every token costs as much as it could gain: nothing admitted
+    assert plan_verify_lengths(conf, costly, mode="causal").tolist() == [0, 0, 0]
+    assert plan_verify_lengths(np.zeros((0, 4)), flat).tolist() == []
+    with pytest.raises(ValueError):
+        plan_verify_lengths(conf, flat, mode="bogus")
+
+
+def knee_sps(batch: int) -> float:
+    """Flat (memory-bound) up to 64 tokens per step, then compute-bound: 1/B."""
+    return 100.0 if batch <= 64 else 100.0 * 64 / batch
+
+
+@pytest.mark.parametrize("mode", ["causal", "global"])
+def test_verify_length_falls_monotonically_with_load(mode):
+    rng = np.random.default_rng(0)
+    averages = []
+    for num_reqs in [1, 2, 4, 8, 16, 32, 64, 128]:
+        conf = rng.uniform(0.5, 0.95, size=(num_reqs, 7))
+        averages.append(plan_verify_lengths(conf, knee_sps, mode=mode).mean())
+    assert averages[0] == 7.0  # alone, the whole draft fits under the knee
+    assert all(x >= y for x, y in zip(averages, averages[1:])), averages
+    assert averages[-1] < 0.5  # past the knee speculation backs off
