@@ -4,16 +4,43 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+
+
+@dataclass(slots=True)
+class TargetHandle:
+    """The parts of the target model a learned drafter shares (frozen): token embedding,
+    final norm and LM head, plus the facts needed to size it and place it."""
+
+    embed_tokens: nn.Embedding
+    final_norm: nn.Module
+    lm_head: nn.Module  # [N, hidden] -> [N, vocab]
+    hidden_size: int
+    vocab_size: int
+    num_layers: int
+    device: torch.device
+    dtype: torch.dtype
 
 
 @dataclass(slots=True)
 class DraftInput:
-    """What a drafter sees of one request after a step: its committed token ids (prompt and
-    output, the step's new tokens included) and how many of them the target's KV now holds."""
+    """What a drafter sees of one request after a step.
+
+    `token_ids`: the committed tokens (prompt and output, this step's new ones included).
+    `num_computed_tokens`: how many of them the target's KV now holds; the last committed
+    token (the anchor of the next draft) is not among them when `wants_proposal`.
+    `context_features` [m, len(target_layers) * hidden]: target hidden states of the chosen
+    layers at positions num_computed_tokens - m .. num_computed_tokens - 1, i.e. the tokens
+    this step committed to the KV (None for drafters without `target_layers`). Features of
+    later positions that a drafter holds from earlier steps are stale (rejected) and dropped.
+    `wants_proposal`: False for a prefill chunk that sampled nothing (only context grows).
+    """
 
     req_id: str
     token_ids: list[int]
     num_computed_tokens: int
+    context_features: torch.Tensor | None = None
+    wants_proposal: bool = True
 
 
 @dataclass(slots=True)
@@ -41,10 +68,12 @@ class Drafter(ABC):
 
     name: str
     num_draft_tokens: int
+    # Target layers whose outputs (hidden states) the drafter reads as context features.
+    target_layers: tuple[int, ...] = ()
 
     @abstractmethod
     def propose(self, inputs: list[DraftInput]) -> list[Proposal]:
-        """One proposal per input, in order (possibly empty)."""
+        """One proposal per input, in order (empty where `wants_proposal` is False)."""
 
     def free(self, req_id: str) -> None:  # noqa: B027 - stateless drafters keep nothing
         """Forget a finished or preempted request."""

@@ -15,7 +15,8 @@ class NgramDrafter(Drafter):
         self.min_n, self.max_n = min_n, max_n
 
     def propose(self, inputs: list[DraftInput]) -> list[Proposal]:
-        return [self._propose_one(np.asarray(x.token_ids, dtype=np.int64)) for x in inputs]
+        return [self._propose_one(np.asarray(x.token_ids, dtype=np.int64)) if x.wants_proposal
+                else EMPTY_PROPOSAL for x in inputs]
 
     def _propose_one(self, tokens: np.ndarray) -> Proposal:
         total = len(tokens)

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from draft import Drafter, make_drafter
+from draft import Drafter, TargetHandle, make_drafter
 from engine.attention import FlashAttention, make_backend
 from engine.config import EngineConfig
 from engine.kv_cache import PagedKVCache
@@ -62,7 +62,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         spec = config.speculative
         if drafter is None and spec.draft:
-            drafter = make_drafter(spec.draft, spec.num_draft_tokens)
+            drafter = make_drafter(spec.draft, spec.num_draft_tokens, self._target_handle())
         self.runner = ModelRunner(self.model, self.kv_cache, self.backend,
                                   Sampler(self.device, config.seed), self.device, drafter)
         self.output_processor = OutputProcessor(self.tokenizer)
@@ -71,6 +71,12 @@ class LLMEngine:
                     "tokens, max_model_len %d", self.model_name, ckpt.arch.arch, ckpt.arch.num_layers,
                     self.device, config.dtype, time.perf_counter() - t0, self.backend.name, num_blocks,
                     block_size, self.max_model_len)
+
+    def _target_handle(self) -> TargetHandle:
+        m = self.model
+        return TargetHandle(m.embed_tokens, m.norm, m.lm_head, self.arch.hidden_size,
+                            self.arch.vocab_size, self.arch.num_layers, self.device,
+                            self.config.torch_dtype)
 
     def _num_blocks_from_memory(self, block_size: int, dtype: torch.dtype) -> int:
         per_block = PagedKVCache.bytes_per_block(self.arch, block_size, dtype)

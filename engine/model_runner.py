@@ -36,7 +36,8 @@ class ModelRunner:
         sampled: list[list[int]] = [[] for _ in req_ids]
         if not req_ids:
             return ModelRunnerOutput(req_ids, sampled)
-        batch, hidden = self._forward(sched_out)
+        layers = self.drafter.target_layers if self.drafter is not None else ()
+        batch, hidden, captured = self._forward(sched_out, layers)
         if batch.sampled_req_indices:
             logits = self.model.compute_logits(hidden.index_select(0, batch.logits_indices))  # [N, vocab]
             reqs = [sched_out.scheduled[r] for r in batch.sampled_req_indices]
@@ -48,22 +49,31 @@ class ModelRunner:
                 sampled[r] = new
         out = ModelRunnerOutput(req_ids, sampled)
         if self.drafter is not None:
-            self._propose(sched_out, out)
+            features = torch.cat([captured[i] for i in layers], dim=-1) if layers else None
+            self._propose(sched_out, batch, out, features)
         return out
 
     def _draft_probs_for(self, s) -> torch.Tensor | None:
         probs = self._draft_probs.get(s.req_id) if s.num_draft_tokens else None
         return None if probs is None else probs[:s.num_draft_tokens]
 
-    def _propose(self, sched_out: SchedulerOutput, out: ModelRunnerOutput) -> None:
-        """Draft for every request that just committed tokens, from its history plus them."""
+    def _propose(self, sched_out: SchedulerOutput, batch: FlatBatch, out: ModelRunnerOutput,
+                 features: torch.Tensor | None) -> None:
+        """Tell the drafter what every request committed; draft for those that sampled.
+
+        `features` [num_tokens, F] holds the captured target layers of every token of the
+        step; a request's committed ones are its first tokens up to the last accepted draft.
+        """
         inputs, rows = [], []
+        starts = batch.cu_seqlens_q.tolist()
         for r, (s, new) in enumerate(zip(sched_out.scheduled, out.sampled_token_ids)):
-            if new:
-                assert s.history is not None
-                num_computed = s.start_pos + s.num_tokens - s.num_draft_tokens + len(new) - 1
-                inputs.append(DraftInput(s.req_id, s.history + new, num_computed))
-                rows.append(r)
+            assert s.history is not None
+            num_accepted = len(new) - 1 if new else 0
+            num_committed = s.num_tokens - s.num_draft_tokens + num_accepted  # now in the KV
+            ctx = None if features is None else features[starts[r]:starts[r] + num_committed]
+            inputs.append(DraftInput(s.req_id, s.history + new, s.start_pos + num_committed, ctx,
+                                     wants_proposal=bool(new)))
+            rows.append(r)
         out.draft_token_ids = [[] for _ in out.req_ids]
         out.draft_confidences = [None for _ in out.req_ids]
         for r, proposal in zip(rows, self.drafter.propose(inputs)):
@@ -81,8 +91,9 @@ class ModelRunner:
         """Logits of every token of the step, [T, vocab] (for tests and debugging)."""
         return self.model.compute_logits(self._forward(sched_out)[1])
 
-    def _forward(self, sched_out: SchedulerOutput) -> tuple[FlatBatch, torch.Tensor]:
+    def _forward(self, sched_out: SchedulerOutput, capture_layers: tuple[int, ...] = ()
+                 ) -> tuple[FlatBatch, torch.Tensor, dict[int, torch.Tensor]]:
         batch = FlatBatch.build(sched_out, self.kv_cache.block_size, self.device)
         ctx = AttentionContext(self.backend, self.backend.prepare(batch), self.kv_cache)
-        hidden, _ = self.model(batch.input_ids, batch.positions, ctx)
-        return batch, hidden
+        hidden, captured = self.model(batch.input_ids, batch.positions, ctx, capture_layers)
+        return batch, hidden, captured
