@@ -70,6 +70,8 @@ class Drafter(ABC):
     num_draft_tokens: int
     # Target layers whose outputs (hidden states) the drafter reads as context features.
     target_layers: tuple[int, ...] = ()
+    # Whether proposals carry per-position confidences (then verification is scheduled).
+    gives_confidences: bool = False
 
     @abstractmethod
     def propose(self, inputs: list[DraftInput]) -> list[Proposal]:

@@ -1,6 +1,7 @@
 """The step loop: schedule -> run one flat forward -> commit tokens -> detokenise."""
 
 import itertools
+from dataclasses import replace
 import logging
 import os
 import time
@@ -16,6 +17,7 @@ from engine.model import CausalLM
 from engine.model_runner import ModelRunner
 from engine.output_processor import OutputProcessor, RequestOutput
 from engine.sampler import Sampler
+from engine.sps_profiler import load_or_profile, profile_key
 from scheduler import (BlockManager, CapacityExceeded, InvalidRequest, ModelLoadError, Request,
                        RequestStatus,
                        SamplingParams, ScheduledRequest, Scheduler, SchedulerOutput)
@@ -59,12 +61,23 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or ckpt.arch.max_position_embeddings,
                                  ckpt.arch.max_position_embeddings, capacity)
         self.block_manager = BlockManager(num_blocks, block_size)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager)
         spec = config.speculative
         if drafter is None and spec.draft:
             drafter = make_drafter(spec.draft, spec.num_draft_tokens, self._target_handle())
         self.runner = ModelRunner(self.model, self.kv_cache, self.backend,
                                   Sampler(self.device, config.seed), self.device, drafter)
+        sched_config = config.scheduler
+        if sched_config.verify_policy == "auto":
+            # confidence scheduling where the drafter gives confidences, else verify all drafts
+            policy = "scheduled" if drafter is not None and drafter.gives_confidences else "fixed"
+            sched_config = replace(sched_config, verify_policy=policy)
+        self.sps = None
+        if drafter is not None and sched_config.verify_policy in ("scheduled", "causal"):
+            key = profile_key(self.model_name, self.device, config.dtype, torch.get_num_threads(),
+                              block_size)
+            self.sps = load_or_profile(self.runner, self.block_manager, key,
+                                       sched_config.max_num_batched_tokens)
+        self.scheduler = Scheduler(sched_config, self.block_manager, self.sps)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         logger.info("loaded %s (%s, %d layers) on %s/%s in %.1fs; attention=%s, KV cache %d blocks x %d "

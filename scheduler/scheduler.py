@@ -14,6 +14,7 @@ from scheduler.block_manager import BlockManager
 from scheduler.errors import CapacityExceeded
 from scheduler.outputs import ModelRunnerOutput, RequestUpdate, ScheduledRequest, SchedulerOutput
 from scheduler.request import Request, RequestStatus
+from scheduler.verify_planner import StepsPerSecond
 from scheduler.verify_policy import make_verify_policy
 
 logger = logging.getLogger(__name__)
@@ -26,12 +27,16 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 512
     # Waiting requests beyond this are refused (CapacityExceeded); 0 means no limit.
     max_waiting: int = 0
-    # How many draft tokens each decoding request verifies (see scheduler/verify_policy.py).
-    verify_policy: str = "fixed"
+    # How many draft tokens each decoding request verifies (see scheduler/verify_policy.py);
+    # "auto": "scheduled" for drafters that give confidences, else "fixed".
+    verify_policy: str = "auto"
+    verify_threshold: float = 0.5  # for verify_policy="threshold"
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
+                 sps: StepsPerSecond | None = None) -> None:
+        """`sps` is the engine's throughput curve, needed by confidence-scheduled policies."""
         self.config = config
         self.block_manager = block_manager
         self.waiting: deque[Request] = deque()
@@ -39,7 +44,8 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self._finished_since_last_step: list[str] = []
         self.num_preemptions = 0
-        self.verify_policy = make_verify_policy(config.verify_policy)
+        policy = "fixed" if config.verify_policy == "auto" else config.verify_policy
+        self.verify_policy = make_verify_policy(policy, sps, config.verify_threshold)
 
     # ---- queue management -------------------------------------------------------------
 
@@ -142,6 +148,7 @@ class Scheduler:
             num_accepted = len(sampled) - 1 if sched.num_draft_tokens else 0
             req.num_computed_tokens += sched.num_tokens - (sched.num_draft_tokens - num_accepted)
             if sched.num_draft_tokens:
+                self.verify_policy.observe(sched.num_draft_tokens, num_accepted)
                 req.num_spec_rounds += 1
                 req.num_draft_tokens_verified += sched.num_draft_tokens
                 req.num_accepted_tokens += num_accepted
@@ -171,7 +178,10 @@ class Scheduler:
         decoding = [r for r in self.running if r.is_decoding and r.draft_token_ids]
         if not decoding:
             return {}
-        lengths = self.verify_policy.verify_lengths(decoding)
+        # tokens the step carries before drafts: what every running request still lacks
+        base = min(sum(r.num_tokens - r.num_computed_tokens for r in self.running),
+                   self.config.max_num_batched_tokens)
+        lengths = self.verify_policy.verify_lengths(decoding, base)
         return {r.req_id: n for r, n in zip(decoding, lengths, strict=True)}
 
     @staticmethod

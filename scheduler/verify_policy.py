@@ -1,16 +1,48 @@
-"""Verify policies: how many of its draft tokens each decoding request verifies this step."""
+"""Verify policies: how many of its draft tokens each decoding request verifies this step.
+
+`fixed` verifies every proposed token, `none` none. The confidence-scheduled ones weigh the
+drafter's per-position confidences against the engine's measured throughput curve (SPS):
+`causal` is Algorithm 1 on the current draft; `scheduled` is the production variant, whose
+capacity K comes from confidences two steps old (so it cannot depend on the current draft)
+and is filled top-K by current survival; `threshold` admits positions whose survival clears
+a static bar. Drafters without confidences get a running estimate of the acceptance rate.
+"""
 
 from abc import ABC, abstractmethod
+from collections import deque
+
+import numpy as np
 
 from scheduler.request import Request
+from scheduler.verify_planner import (StepsPerSecond, best_capacity, lengths_from_capacity,
+                                      plan_verify_lengths, survival)
 
 
 class VerifyPolicy(ABC):
     name: str
 
+    def __init__(self) -> None:
+        # running acceptance rate, the confidence of drafters that give none
+        self.acceptance_prior = 0.5
+
     @abstractmethod
-    def verify_lengths(self, requests: list[Request]) -> list[int]:
-        """ℓ_r for each decoding request, each in 0..len(r.draft_token_ids)."""
+    def verify_lengths(self, requests: list[Request], base_tokens: int) -> list[int]:
+        """ℓ_r for each decoding request, each in 0..len(r.draft_token_ids). `base_tokens`
+        counts the step's tokens before any draft is added."""
+
+    def observe(self, num_verified: int, num_accepted: int) -> None:
+        if num_verified:
+            self.acceptance_prior = 0.9 * self.acceptance_prior + 0.1 * num_accepted / num_verified
+
+    def confidences(self, requests: list[Request]) -> np.ndarray:
+        """[R, γ] conditional confidences, zero-padded past each request's proposal."""
+        width = max(len(r.draft_token_ids) for r in requests)
+        conf = np.zeros((len(requests), width))
+        for i, r in enumerate(requests):
+            n = len(r.draft_token_ids)
+            c = r.draft_confidences if r.draft_confidences is not None else [self.acceptance_prior] * n
+            conf[i, :n] = c[:n]
+        return conf
 
 
 class FixedVerify(VerifyPolicy):
@@ -18,7 +50,7 @@ class FixedVerify(VerifyPolicy):
 
     name = "fixed"
 
-    def verify_lengths(self, requests: list[Request]) -> list[int]:
+    def verify_lengths(self, requests: list[Request], base_tokens: int) -> list[int]:
         return [len(r.draft_token_ids) for r in requests]
 
 
@@ -27,12 +59,74 @@ class NoVerify(VerifyPolicy):
 
     name = "none"
 
-    def verify_lengths(self, requests: list[Request]) -> list[int]:
+    def verify_lengths(self, requests: list[Request], base_tokens: int) -> list[int]:
         return [0] * len(requests)
 
 
-def make_verify_policy(name: str) -> VerifyPolicy:
-    policies = {p.name: p for p in (FixedVerify, NoVerify)}
-    if name not in policies:
-        raise ValueError(f"unknown verify policy {name!r}; available: {sorted(policies)}")
-    return policies[name]()
+class ThresholdVerify(VerifyPolicy):
+    """Verify the prefix whose cumulative survival stays at or above a fixed threshold."""
+
+    name = "threshold"
+
+    def __init__(self, threshold: float = 0.5) -> None:
+        super().__init__()
+        self.threshold = threshold
+
+    def verify_lengths(self, requests: list[Request], base_tokens: int) -> list[int]:
+        a = survival(self.confidences(requests))
+        return (a >= self.threshold).sum(axis=1).tolist()
+
+
+class CausalVerify(VerifyPolicy):
+    """Algorithm 1 with early stop on the current draft's confidences."""
+
+    name = "causal"
+
+    def __init__(self, sps: StepsPerSecond) -> None:
+        super().__init__()
+        self.sps = sps
+
+    def verify_lengths(self, requests: list[Request], base_tokens: int) -> list[int]:
+        conf = self.confidences(requests)
+        return plan_verify_lengths(conf, self.sps, mode="causal", base_tokens=base_tokens).tolist()
+
+
+class ScheduledVerify(VerifyPolicy):
+    """Production variant: capacity K from a global search two steps earlier, filled top-K by
+    the current draft's survival probabilities (rank preserving, prefixes respected)."""
+
+    name = "scheduled"
+    lag = 2
+
+    def __init__(self, sps: StepsPerSecond) -> None:
+        super().__init__()
+        self.sps = sps
+        self._capacities: deque[int] = deque(maxlen=self.lag)
+
+    def verify_lengths(self, requests: list[Request], base_tokens: int) -> list[int]:
+        a = survival(self.confidences(requests))
+        if len(self._capacities) == self.lag:
+            capacity = self._capacities[0]
+        else:  # warm-up: plan from the prior alone, which the current draft cannot influence
+            prior = survival(np.full(a.shape, self.acceptance_prior))
+            capacity = best_capacity(prior, self.sps, base_tokens)
+        self._capacities.append(best_capacity(a, self.sps, base_tokens))
+        return lengths_from_capacity(a, capacity).tolist()
+
+    @property
+    def last_capacity(self) -> int | None:
+        return self._capacities[-1] if self._capacities else None
+
+
+def make_verify_policy(name: str, sps: StepsPerSecond | None = None,
+                       threshold: float = 0.5) -> VerifyPolicy:
+    if name in ("causal", "scheduled") and sps is None:
+        raise ValueError(f"the {name!r} verify policy needs an SPS profile")
+    factories = {
+        "fixed": FixedVerify, "none": NoVerify,
+        "threshold": lambda: ThresholdVerify(threshold),
+        "causal": lambda: CausalVerify(sps), "scheduled": lambda: ScheduledVerify(sps),
+    }
+    if name not in factories:
+        raise ValueError(f"unknown verify policy {name!r}; available: {sorted(factories)}")
+    return factories[name]()

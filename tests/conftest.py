@@ -80,3 +80,17 @@ def default_llm():
     from engine import LLM
 
     return LLM(dtype="float32", device="cpu")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Profiles (SPS tables) go to a per-session folder, never the user's cache."""
+    import os
+
+    old = os.environ.get("DSPARK_CACHE_DIR")
+    os.environ["DSPARK_CACHE_DIR"] = str(tmp_path_factory.mktemp("dspark-cache"))
+    yield
+    if old is None:
+        os.environ.pop("DSPARK_CACHE_DIR", None)
+    else:
+        os.environ["DSPARK_CACHE_DIR"] = old

@@ -163,3 +163,16 @@ def test_unknown_model_path_and_corrupt_gguf(tmp_path):
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(ModelLoadError, match="config.json"):
         LLM(model=str(tmp_path / "empty_dir"), device="cpu")
+
+
+@pytest.mark.parametrize("policy", ["fixed", "none", "threshold", "causal", "scheduled"])
+def test_every_verify_policy_is_greedy_lossless(tiny_model_dir, llm, policy):
+    # repetitive prompts so that prompt lookup proposes drafts
+    prompts = [p * 3 for p in random_prompts(8, seed=7)]
+    params = [SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)] * 8
+    spec = tiny_llm(tiny_model_dir, block_size=4, draft="ngram", num_draft_tokens=3,
+                    verify_policy=policy, max_num_batched_tokens=64)
+    assert run_staggered(spec, prompts, params, per_step=3) == run_staggered(llm, prompts, params)
+    if policy in ("causal", "scheduled"):
+        assert spec.engine.sps is not None and spec.engine.sps(1) > 0
+    assert spec.engine.scheduler.verify_policy.name == policy
