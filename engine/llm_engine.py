@@ -12,14 +12,12 @@ from draft import Drafter, TargetHandle, make_drafter
 from engine.attention import FlashAttention, make_backend
 from engine.config import EngineConfig
 from engine.kv_cache import PagedKVCache
-from engine.loader import load_checkpoint
-from engine.model import CausalLM
+from engine.loader import build_model, load_checkpoint
 from engine.model_runner import ModelRunner
 from engine.output_processor import OutputProcessor, RequestOutput
 from engine.sampler import Sampler
 from engine.sps_profiler import load_or_profile, profile_key
-from scheduler import (BlockManager, CapacityExceeded, InvalidRequest, ModelLoadError, Request,
-                       RequestStatus,
+from scheduler import (BlockManager, CapacityExceeded, InvalidRequest, Request, RequestStatus,
                        SamplingParams, ScheduledRequest, Scheduler, SchedulerOutput)
 from scheduler.block_manager import cdiv
 
@@ -39,17 +37,7 @@ class LLMEngine:
         self.model_name = ckpt.name
         self.arch = ckpt.arch
         self.tokenizer = ckpt.tokenizer
-        with torch.device("meta"):
-            model = CausalLM(ckpt.arch)
-        model = model.to_empty(device="cpu")
-        try:
-            model.load_hf_weights(ckpt.weights)
-        except Exception as e:  # a truncated or corrupt file fails deep inside dequantisation
-            raise ModelLoadError(f"cannot load the weights of {config.model or self.model_name}: {e}") from e
-        self.model = model.to(device=self.device, dtype=dtype).eval()
-        self.model.rotary.reset_tables()
-        if self.device.type == "cpu" and dtype == torch.float32:
-            self.model.use_transposed_weights()
+        self.model = build_model(ckpt, self.device, dtype)
 
         self.backend = make_backend(config.attention_backend, self.device)
         block_size = config.cache.block_size

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from engine.config import ModelArchConfig
+from engine.model import CausalLM
 from engine.tokenizer import Tokenizer
 from scheduler import ModelLoadError
 
@@ -61,6 +62,22 @@ def load_checkpoint(model: str | None) -> LoadedCheckpoint:
     if model is None:
         ckpt.name = DEFAULT_MODEL_NAME
     return ckpt
+
+
+def build_model(ckpt: LoadedCheckpoint, device: torch.device, dtype: torch.dtype) -> CausalLM:
+    """Instantiate the target without initialising weights, load them, place it."""
+    with torch.device("meta"):
+        model = CausalLM(ckpt.arch)
+    model = model.to_empty(device="cpu")
+    try:
+        model.load_hf_weights(ckpt.weights)
+    except Exception as e:  # a truncated or corrupt file fails deep inside dequantisation
+        raise ModelLoadError(f"cannot load the weights of {ckpt.name}: {e}") from e
+    model = model.to(device=device, dtype=dtype).eval()
+    model.rotary.reset_tables()
+    if device.type == "cpu" and dtype == torch.float32:
+        model.use_transposed_weights()
+    return model
 
 
 # ---- Hugging Face directory ------------------------------------------------------------
