@@ -44,3 +44,15 @@ lint:
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# docker-compose stack (deploy/README.md): the server, Prometheus and Grafana.
+# `make compose-up CUDA=1` uses the CUDA image and reserves a GPU.
+.PHONY: compose-up compose-down
+COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
+COMPOSE_FILES := -f deploy/docker-compose.yml $(if $(filter 1,$(CUDA)),-f deploy/docker-compose.cuda.yml)
+
+compose-up:
+	$(COMPOSE) -p dspark $(COMPOSE_FILES) up -d --build
+
+compose-down:
+	$(COMPOSE) -p dspark $(COMPOSE_FILES) down
