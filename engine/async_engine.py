@@ -22,8 +22,14 @@ from scheduler import EngineDead, InvalidRequest, SamplingParams
 
 logger = logging.getLogger(__name__)
 
-# What the step loop hands to a request's stream: an output, or the error that ends it.
-_StreamItem = RequestOutput | BaseException
+
+
+class _Aborted:
+    """Ends a stream whose request was aborted through `abort()`."""
+
+
+# What a request's stream receives: an output, the error that ends it, or an abort.
+_StreamItem = RequestOutput | BaseException | _Aborted
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +184,9 @@ class AsyncLLM:
         try:
             while True:
                 item = await stream.get()
+                if isinstance(item, _Aborted):
+                    finished = True  # abort() already told the engine
+                    return
                 if isinstance(item, BaseException):
                     finished = True  # the engine no longer knows this request
                     raise item
@@ -195,8 +204,9 @@ class AsyncLLM:
                 self._idle.set()
 
     def abort(self, req_id: str) -> None:
-        """Abort a request from any thread; its stream (if still read) then just stops."""
+        """Abort a request from any thread; its stream then ends without a finished output."""
         self._commands.put(_Abort(req_id))
+        self._post(self._dispatch, [(req_id, _Aborted())])
 
     # ---- the engine thread -------------------------------------------------------------
 

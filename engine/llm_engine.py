@@ -1,7 +1,7 @@
 """The step loop: schedule -> run one flat forward -> commit tokens -> detokenise."""
 
 import itertools
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 import logging
 import os
 import time
@@ -22,6 +22,23 @@ from scheduler import (BlockManager, CapacityExceeded, InvalidRequest, Request, 
 from scheduler.block_manager import cdiv
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class StepStats:
+    """What one engine step did, for metrics and logs."""
+
+    num_running: int
+    num_waiting: int
+    num_scheduled_tokens: int
+    kv_usage: float
+    # ℓ_r of each request that verified drafts this step (the verify budget per request)
+    verify_lengths: list[int] = field(default_factory=list)
+    num_verify_tokens: int = 0  # K: draft tokens admitted
+    expected_accepted: float = 0.0
+    num_accepted: int = 0  # realised
+    forward_seconds: float = 0.0
+    draft_seconds: float = 0.0
 
 
 class LLMEngine:
@@ -67,6 +84,7 @@ class LLMEngine:
                                        sched_config.max_num_batched_tokens)
         self.scheduler = Scheduler(sched_config, self.block_manager, self.sps)
         self.output_processor = OutputProcessor(self.tokenizer)
+        self.last_step: StepStats | None = None
         self._ids = itertools.count()
         logger.info("loaded %s (%s, %d layers) on %s/%s in %.1fs; attention=%s, KV cache %d blocks x %d "
                     "tokens, max_model_len %d", self.model_name, ckpt.arch.arch, ckpt.arch.num_layers,
@@ -140,8 +158,16 @@ class LLMEngine:
         scheduled_at = {s.req_id: self.scheduler.requests[s.req_id].first_scheduled_time
                         for s in sched_out.scheduled}
         runner_out = self.runner.execute(sched_out)
+        updates = self.scheduler.update_from_output(sched_out, runner_out)
+        self.last_step = StepStats(
+            num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
+            num_scheduled_tokens=sched_out.num_tokens, kv_usage=self.block_manager.usage,
+            verify_lengths=[s.num_draft_tokens for s in sched_out.scheduled if s.num_draft_tokens],
+            num_verify_tokens=sched_out.num_verify_tokens, expected_accepted=sched_out.expected_accepted,
+            num_accepted=sum(u.num_accepted_tokens for u in updates),
+            forward_seconds=runner_out.forward_seconds, draft_seconds=runner_out.draft_seconds)
         outputs = []
-        for update in self.scheduler.update_from_output(sched_out, runner_out):
+        for update in updates:
             out, stopped_by_string = self.output_processor.process(update)
             out.first_scheduled_time = scheduled_at.get(update.req_id)
             if stopped_by_string:

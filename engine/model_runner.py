@@ -1,6 +1,7 @@
 """Runs one `SchedulerOutput` as one flat forward and samples the requested tokens."""
 
 import logging
+import time
 
 import torch
 
@@ -36,6 +37,7 @@ class ModelRunner:
         sampled: list[list[int]] = [[] for _ in req_ids]
         if not req_ids:
             return ModelRunnerOutput(req_ids, sampled)
+        t0 = time.perf_counter()
         layers = self.drafter.target_layers if self.drafter is not None else ()
         batch, hidden, captured = self._forward(sched_out, layers)
         if batch.sampled_req_indices:
@@ -48,9 +50,12 @@ class ModelRunner:
             for r, new in zip(batch.sampled_req_indices, tokens):
                 sampled[r] = new
         out = ModelRunnerOutput(req_ids, sampled)
+        t1 = time.perf_counter()  # sampling synchronised with the device (it reads tokens back)
+        out.forward_seconds = t1 - t0
         if self.drafter is not None:
             features = torch.cat([captured[i] for i in layers], dim=-1) if layers else None
             self._propose(sched_out, batch, out, features)
+            out.draft_seconds = time.perf_counter() - t1
         return out
 
     def _draft_probs_for(self, s) -> torch.Tensor | None:
@@ -72,7 +77,7 @@ class ModelRunner:
             num_committed = s.num_tokens - s.num_draft_tokens + num_accepted  # now in the KV
             ctx = None if features is None else features[starts[r]:starts[r] + num_committed]
             inputs.append(DraftInput(s.req_id, s.history + new, s.start_pos + num_committed, ctx,
-                                     wants_proposal=bool(new)))
+                                     wants_proposal=bool(new), temperature=s.params.temperature))
             rows.append(r)
         out.draft_token_ids = [[] for _ in out.req_ids]
         out.draft_confidences = [None for _ in out.req_ids]

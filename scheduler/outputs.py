@@ -36,6 +36,10 @@ class SchedulerOutput:
     # Requests that ended since the previous step: the runner drops their per-request state.
     finished_req_ids: list[str] = field(default_factory=list)
     num_preempted: int = 0
+    # Verification plan: draft tokens admitted (K), and how many of them the drafter's
+    # confidences expect to be accepted (Σ survival of the admitted positions).
+    num_verify_tokens: int = 0
+    expected_accepted: float = 0.0
 
     @property
     def num_tokens(self) -> int:
@@ -55,6 +59,8 @@ class ModelRunnerOutput:
     sampled_token_ids: list[list[int]]
     draft_token_ids: list[list[int]] | None = None
     draft_confidences: list[list[float] | None] | None = None
+    forward_seconds: float = 0.0  # target forward and (rejection) sampling
+    draft_seconds: float = 0.0
 
 
 @dataclass(slots=True)

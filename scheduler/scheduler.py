@@ -10,11 +10,13 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+import numpy as np
+
 from scheduler.block_manager import BlockManager
 from scheduler.errors import CapacityExceeded
 from scheduler.outputs import ModelRunnerOutput, RequestUpdate, ScheduledRequest, SchedulerOutput
 from scheduler.request import Request, RequestStatus
-from scheduler.verify_planner import StepsPerSecond
+from scheduler.verify_planner import StepsPerSecond, survival
 from scheduler.verify_policy import make_verify_policy
 
 logger = logging.getLogger(__name__)
@@ -86,7 +88,7 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted = 0
-        verify_lengths = self._plan_verify_lengths()
+        verify_lengths, expected = self._plan_verify_lengths()
 
         # Running requests first, oldest first; the newest are preempted when blocks run out.
         i = 0
@@ -132,7 +134,11 @@ class Scheduler:
             budget -= num_new
 
         finished, self._finished_since_last_step = self._finished_since_last_step, []
-        return SchedulerOutput(scheduled=scheduled, finished_req_ids=finished, num_preempted=preempted)
+        num_verify = sum(s.num_draft_tokens for s in scheduled)
+        expected_accepted = sum(float(expected[s.req_id][:s.num_draft_tokens].sum())
+                                for s in scheduled if s.num_draft_tokens)
+        return SchedulerOutput(scheduled=scheduled, finished_req_ids=finished, num_preempted=preempted,
+                               num_verify_tokens=num_verify, expected_accepted=expected_accepted)
 
     def update_from_output(self, sched_out: SchedulerOutput,
                            runner_out: ModelRunnerOutput) -> list[RequestUpdate]:
@@ -174,15 +180,18 @@ class Scheduler:
 
     # ---- helpers ----------------------------------------------------------------------
 
-    def _plan_verify_lengths(self) -> dict[str, int]:
+    def _plan_verify_lengths(self) -> tuple[dict[str, int], dict[str, np.ndarray]]:
+        """ℓ_r and the survival probabilities a[r, :] of each decoding request with drafts."""
         decoding = [r for r in self.running if r.is_decoding and r.draft_token_ids]
         if not decoding:
-            return {}
+            return {}, {}
         # tokens the step carries before drafts: what every running request still lacks
         base = min(sum(r.num_tokens - r.num_computed_tokens for r in self.running),
                    self.config.max_num_batched_tokens)
         lengths = self.verify_policy.verify_lengths(decoding, base)
-        return {r.req_id: n for r, n in zip(decoding, lengths, strict=True)}
+        a = survival(self.verify_policy.confidences(decoding))
+        return ({r.req_id: n for r, n in zip(decoding, lengths, strict=True)},
+                {r.req_id: a[i] for i, r in enumerate(decoding)})
 
     @staticmethod
     def _max_useful_drafts(req: Request) -> int:
