@@ -57,6 +57,8 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto | torch | flash
     num_threads: int | None = None  # CPU threads for torch; None = all cores
     seed: int = 0  # seeds the randomness of unseeded requests
+    # Run each forward on a worker thread while the previous step's outputs are processed.
+    overlap: bool = False
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)

@@ -1,6 +1,7 @@
 """The step loop: schedule -> run one flat forward -> commit tokens -> detokenise."""
 
 import itertools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 import logging
 import os
@@ -18,7 +19,8 @@ from engine.output_processor import OutputProcessor, RequestOutput
 from engine.sampler import Sampler
 from engine.sps_profiler import load_or_profile, profile_key
 from scheduler import (BlockManager, CapacityExceeded, InvalidRequest, Request, RequestStatus,
-                       SamplingParams, ScheduledRequest, Scheduler, SchedulerOutput)
+                       ModelRunnerOutput, RequestUpdate, SamplingParams, ScheduledRequest,
+                       Scheduler, SchedulerOutput)
 from scheduler.block_manager import cdiv
 
 logger = logging.getLogger(__name__)
@@ -85,6 +87,8 @@ class LLMEngine:
         self.scheduler = Scheduler(sched_config, self.block_manager, self.sps)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.last_step: StepStats | None = None
+        self._pending: list[tuple[RequestUpdate, float | None]] = []
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="dspark-forward") if config.overlap else None
         self._ids = itertools.count()
         logger.info("loaded %s (%s, %d layers) on %s/%s in %.1fs; attention=%s, KV cache %d blocks x %d "
                     "tokens, max_model_len %d", self.model_name, ckpt.arch.arch, ckpt.arch.num_layers,
@@ -146,19 +150,54 @@ class LLMEngine:
         self.output_processor.remove(req_id)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._pending)
 
     # ---- one step ---------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """Schedule, run one flat forward, commit. With overlap on, the forward runs on a
+        worker thread while this thread turns the previous step's tokens into outputs
+        (detokenisation, stop strings), so those outputs come back one step later."""
         sched_out = self.scheduler.schedule()
         if sched_out.empty:
-            return []
+            return self._process(self._take_pending())
         # Read before the step runs: a request that finishes in it leaves `scheduler.requests`.
         scheduled_at = {s.req_id: self.scheduler.requests[s.req_id].first_scheduled_time
                         for s in sched_out.scheduled}
-        runner_out = self.runner.execute(sched_out)
+        if self._worker is None:
+            runner_out = self.runner.execute(sched_out)
+            outputs: list[RequestOutput] = []
+        else:
+            future = self._worker.submit(self.runner.execute, sched_out)
+            outputs = self._process(self._take_pending())
+            runner_out = future.result()
         updates = self.scheduler.update_from_output(sched_out, runner_out)
+        self._record_step(sched_out, runner_out, updates)
+        self._pending = [(u, scheduled_at.get(u.req_id)) for u in updates]
+        if self._worker is None:
+            outputs = self._process(self._take_pending())
+        return outputs
+
+    def _take_pending(self) -> list[tuple[RequestUpdate, float | None]]:
+        pending, self._pending = self._pending, []
+        return pending
+
+    def _process(self, pending: list[tuple[RequestUpdate, float | None]]) -> list[RequestOutput]:
+        outputs = []
+        for update, scheduled_at in pending:
+            if not self.output_processor.knows(update.req_id):
+                continue  # aborted after its step ran
+            out, stopped_by_string = self.output_processor.process(update)
+            out.first_scheduled_time = scheduled_at
+            if stopped_by_string:
+                # With overlap the request may already run in the next step; it is dropped
+                # when that step's results come back.
+                self.scheduler.finish_request(update.req_id, RequestStatus.FINISHED_STOPPED)
+            outputs.append(out)
+        return outputs
+
+    def _record_step(self, sched_out: SchedulerOutput, runner_out: ModelRunnerOutput,
+                     updates: list[RequestUpdate]) -> None:
         self.last_step = StepStats(
             num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
             num_scheduled_tokens=sched_out.num_tokens, kv_usage=self.block_manager.usage,
@@ -166,14 +205,10 @@ class LLMEngine:
             num_verify_tokens=sched_out.num_verify_tokens, expected_accepted=sched_out.expected_accepted,
             num_accepted=sum(u.num_accepted_tokens for u in updates),
             forward_seconds=runner_out.forward_seconds, draft_seconds=runner_out.draft_seconds)
-        outputs = []
-        for update in updates:
-            out, stopped_by_string = self.output_processor.process(update)
-            out.first_scheduled_time = scheduled_at.get(update.req_id)
-            if stopped_by_string:
-                self.scheduler.finish_request(update.req_id, RequestStatus.FINISHED_STOPPED)
-            outputs.append(out)
-        return outputs
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
 
     def prompt_logits(self, prompt_ids: list[int]) -> torch.Tensor:
         """Logits [len(prompt_ids), vocab] of one standalone prefill (for checks against

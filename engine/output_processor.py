@@ -59,6 +59,9 @@ class OutputProcessor:
                     arrival_time: float) -> None:
         self._states[req_id] = _RequestState(req_id, prompt_token_ids, stop, arrival_time)
 
+    def knows(self, req_id: str) -> bool:
+        return req_id in self._states
+
     def remove(self, req_id: str) -> None:
         self._states.pop(req_id, None)
 

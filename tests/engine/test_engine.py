@@ -176,3 +176,25 @@ def test_every_verify_policy_is_greedy_lossless(tiny_model_dir, llm, policy):
     if policy in ("causal", "scheduled"):
         assert spec.engine.sps is not None and spec.engine.sps(1) > 0
     assert spec.engine.scheduler.verify_policy.name == policy
+
+
+@pytest.mark.parametrize("draft", [None, "ngram"])
+def test_overlapped_engine_matches_sequential(tiny_model_dir, llm, draft):
+    prompts = [p * 2 for p in random_prompts(10, seed=11)]
+    greedy = [SamplingParams(max_tokens=14, temperature=0, ignore_eos=True)] * 5
+    seeded = [SamplingParams(max_tokens=14, temperature=1.0, seed=i, ignore_eos=True) for i in range(5)]
+    params = greedy + seeded
+    options = dict(block_size=4, draft=draft, num_draft_tokens=3,
+                   verify_policy="scheduled" if draft else "auto")
+    sequential = tiny_llm(tiny_model_dir, **options)
+    overlapped = tiny_llm(tiny_model_dir, overlap=True, **options)
+    expected = run_staggered(sequential, prompts, params, per_step=3)
+    assert run_staggered(overlapped, prompts, params, per_step=3) == expected
+    # stop strings are found one step late with overlap; output must still end at the stop
+    text = sequential.generate([prompts[0]], greedy[0])[0].text
+    stop = SamplingParams(max_tokens=14, temperature=0, ignore_eos=True, stop=[text[4:6]])
+    a = sequential.generate([prompts[0]], stop)[0]
+    b = overlapped.generate([prompts[0]], stop)[0]
+    assert (a.text, a.token_ids, a.finish_reason) == (b.text, b.token_ids, b.finish_reason)
+    assert overlapped.engine.block_manager.usage == 0.0 and not overlapped.engine.has_unfinished()
+    overlapped.engine.close()
