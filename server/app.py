@@ -6,7 +6,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -52,7 +52,8 @@ class ServerState:
         if self.load_error is not None:
             raise APIError(503, f"the model failed to load: {self.load_error}", code="load_failed")
         if self.engine.is_dead:
-            raise APIError(503, f"the engine is not running: {self.engine.error}", code="engine_dead")
+            raise APIError(503, f"the engine is not running: {self.engine.error}",
+                           code="engine_dead")
         if self.serving is None:
             raise APIError(503, "the model is still loading; retry shortly", code="loading",
                            headers={"Retry-After": "5"})
@@ -61,7 +62,7 @@ class ServerState:
     async def finish_loading(self) -> None:
         try:
             info = await self.engine.wait_loaded()
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any load failure is reported the same way
             self.load_error = e
             logger.error("the model failed to load: %s", e)
             if self.on_fatal is not None:
@@ -78,11 +79,15 @@ def _state(request: Request) -> ServerState:
     return request.app.state.server
 
 
-def _serving(request: Request) -> ServingContext:
+# Dependencies are async so FastAPI runs them on the event loop, not in its thread pool.
+async def _serving(request: Request) -> ServingContext:
     return _state(request).ready()
 
 
-def _check_api_key(request: Request) -> None:
+Serving = Annotated[ServingContext, Depends(_serving)]
+
+
+async def _check_api_key(request: Request) -> None:
     key = _state(request).config.api_key
     if key is None:
         return
@@ -125,7 +130,7 @@ def create_app(config: ServerConfig, engine: AsyncLLM | None = None,
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
-        _serving(request)
+        await _serving(request)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
@@ -135,16 +140,16 @@ def create_app(config: ServerConfig, engine: AsyncLLM | None = None,
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(_check_api_key)])
 
     @v1.get("/models")
-    async def models(ctx: ServingContext = Depends(_serving)) -> ModelList:
+    async def models(ctx: Serving) -> ModelList:
         return ModelList(data=[ModelCard(id=ctx.model_name, max_model_len=ctx.max_model_len)])
 
     @v1.post("/chat/completions")
-    async def chat(request: Request, ctx: ServingContext = Depends(_serving)) -> Response:
+    async def chat(request: Request, ctx: Serving) -> Response:
         plan = await plan_chat(await _parse(request, ChatCompletionRequest), ctx)
         return await respond(request, plan, CHAT, ctx)
 
     @v1.post("/completions")
-    async def completions(request: Request, ctx: ServingContext = Depends(_serving)) -> Response:
+    async def completions(request: Request, ctx: Serving) -> Response:
         plan = await plan_completion(await _parse(request, CompletionRequest), ctx)
         return await respond(request, plan, COMPLETION, ctx)
 

@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
-    serve.add_argument("--host", default=envs.get("DSPARK_HOST"))
+    serve.add_argument("--host", default=envs.get("DSPARK_HOST"), help="address to bind")
     serve.add_argument("--port", type=int, default=envs.get("DSPARK_PORT"),
                        help="0 picks a free port (logged at startup)")
     serve.add_argument("--api-key", default=envs.get("DSPARK_API_KEY"),
@@ -111,10 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", default=None,
                        help="the `model` clients send (default: the checkpoint's name)")
     serve.add_argument("--max-request-bytes", type=int,
-                       default=envs.get("DSPARK_MAX_REQUEST_BYTES"))
+                       default=envs.get("DSPARK_MAX_REQUEST_BYTES"),
+                       help="larger request bodies get 413 (default 1 MiB)")
     serve.add_argument("--drain-timeout", type=float, default=envs.get("DSPARK_DRAIN_TIMEOUT"),
                        help="seconds running requests get to finish after SIGTERM")
-    serve.add_argument("--log-level", default=envs.get("DSPARK_LOG_LEVEL"))
+    serve.add_argument("--log-level", default=envs.get("DSPARK_LOG_LEVEL"),
+                       help="debug, info, warning, error")
     add_engine_args(serve)
     serve.set_defaults(func=_serve)
 
@@ -130,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("benchmark", choices=sorted(BENCHMARKS))
     bench.add_argument("args", nargs=argparse.REMAINDER,
                        help="options of the benchmark (dspark bench serve --help)")
-    bench.add_argument("--log-level", default="info")
+    bench.add_argument("--log-level", default="warning")
     bench.set_defaults(func=_bench)
     return parser
 

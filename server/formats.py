@@ -11,8 +11,16 @@ from pydantic import BaseModel
 
 from engine.output_processor import RequestOutput
 from scheduler import SamplingParams
-from server.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
-                             ChatCompletionResponse, CompletionChoice, CompletionResponse, Usage)
+from server.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionResponse,
+    Usage,
+)
 
 
 @dataclass(slots=True)

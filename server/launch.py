@@ -10,10 +10,9 @@ import uvicorn
 
 from server.app import create_app
 from server.config import ServerConfig
+from server.process import LISTENING
 
 logger = logging.getLogger(__name__)
-
-LISTENING = "dspark-serve listening on http://%s:%d"  # tests and `bench serve --launch` parse it
 
 
 class DrainingServer(uvicorn.Server):

@@ -24,7 +24,7 @@ _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05
                 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 _TOKS_PER_S_BUCKETS = (1, 2, 5, 10, 15, 20, 25, 30, 40, 50, 60, 75, 100, 125, 150, 200, 250, 300,
                        400, 500, 750, 1000, 2000)
-_ACCEPTED_LEN_BUCKETS = tuple(range(0, 17))
+_ACCEPTED_LEN_BUCKETS = tuple(range(17))
 _VERIFY_TOKENS_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 24, 32, 48, 64)
 
 
@@ -42,7 +42,7 @@ class Metrics:
                              "Time from arrival to the last token", m,
                              buckets=_LATENCY_BUCKETS, registry=r)
         self.queue_time = Histogram("dspark:request_queue_time_seconds",
-                                    "Time from arrival until the scheduler first admits the request",
+                                    "Time from arrival until the scheduler first admits it",
                                     m, buckets=_LATENCY_BUCKETS, registry=r)
         self.tokens_per_s = Histogram(
             "dspark:request_output_tokens_per_second",

@@ -18,7 +18,7 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class _GenerationRequest(_Body):
+class GenerationRequest(_Body):
     """Fields shared by chat and text completions (sampling, streaming, bookkeeping)."""
 
     model: str | None = None  # None = the served model
@@ -52,16 +52,18 @@ class ChatMessage(_Body):
     name: str | None = None
 
 
-class ChatCompletionRequest(_GenerationRequest):
+class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None  # OpenAI's newer name; wins over max_tokens
 
     @property
     def requested_max_tokens(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        return self.max_tokens
 
 
-class CompletionRequest(_GenerationRequest):
+class CompletionRequest(GenerationRequest):
     # A string or token ids; a batch (list of strings / of id lists) is refused with a clear 400.
     prompt: str | list[int] | list[str] | list[list[int]]
 

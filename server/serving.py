@@ -14,11 +14,11 @@ from fastapi.responses import Response, StreamingResponse
 
 from engine.async_engine import AsyncLLM
 from engine.output_processor import RequestOutput
-from scheduler import InvalidRequest, SamplingParams
+from scheduler import EngineDead, InvalidRequest, SamplingParams
 from server.errors import APIError
 from server.formats import Plan, ResponseFormat
 from server.metrics import Metrics
-from server.protocol import ChatCompletionRequest, CompletionRequest, _GenerationRequest
+from server.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest
 from server.streaming import sse_events
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ async def plan_completion(body: CompletionRequest, ctx: ServingContext) -> Plan:
     return _plan(body, ctx, f"cmpl-{uuid.uuid4().hex}", prompt_ids, "prompt")
 
 
-def _check_common(body: _GenerationRequest, ctx: ServingContext) -> None:
+def _check_common(body: GenerationRequest, ctx: ServingContext) -> None:
     if body.model is not None and body.model != ctx.model_name:
         raise APIError(404, f"the model {body.model!r} does not exist; this server serves "
                        f"{ctx.model_name!r}", "model", "model_not_found")
@@ -106,7 +106,7 @@ def resolve_max_tokens(requested: int | None, num_prompt_tokens: int, max_model_
     return requested  # values below 1 are refused by SamplingParams with their own message
 
 
-def _plan(body: _GenerationRequest, ctx: ServingContext, req_id: str, prompt_ids: list[int],
+def _plan(body: GenerationRequest, ctx: ServingContext, req_id: str, prompt_ids: list[int],
           prompt_param: str) -> Plan:
     max_tokens = resolve_max_tokens(body.requested_max_tokens, len(prompt_ids),
                                     ctx.max_model_len, prompt_param)
@@ -154,7 +154,7 @@ async def _last(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
     async for out in outputs:
         if out.finished:
             return out
-    raise RuntimeError("the engine stream ended without a finished output")
+    raise EngineDead("the request was aborted")
 
 
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T:

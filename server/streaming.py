@@ -11,7 +11,7 @@ from contextlib import aclosing
 from pydantic import BaseModel
 
 from engine.output_processor import RequestOutput
-from scheduler import DSparkError
+from scheduler import DSparkError, EngineDead
 from server.formats import Plan, ResponseFormat, usage_of
 from server.protocol import ErrorInfo, ErrorResponse
 
@@ -42,7 +42,9 @@ async def sse_events(plan: Plan, fmt: ResponseFormat, first: RequestOutput,
                     if plan.include_usage:
                         yield sse(fmt.usage(plan, usage_of(out)))
                     break
-                out = await anext(outputs)
+                out = await anext(outputs, None)
+                if out is None:
+                    raise EngineDead("the request was aborted")
         except DSparkError as e:
             # The status line is gone already; tell the client in-band, as vLLM does.
             logger.warning("stream %s ended early: %s", plan.req_id, e)

@@ -1,37 +1,38 @@
-"""Running the server for tests: in a thread of this process, or as a `dspark serve` process."""
+"""Running the server in a thread of the test process, and reading SSE bodies and metrics."""
 
 import json
-import os
-import re
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
-import httpx
 import uvicorn
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
+from engine import LLMEngine
 from server.launch import bind_socket
+from server.process import ServerProcess, wait_healthy
 
 REPO = Path(__file__).resolve().parents[2]
-_LISTENING = re.compile(r"listening on (http://[\d.]+:\d+)")
+
+__all__ = [
+    "REPO",
+    "ServerProcess",
+    "SlowEngine",
+    "ThreadedServer",
+    "metric",
+    "metric_samples",
+    "parse_sse",
+    "wait_healthy",
+]
 
 
-def wait_healthy(url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{url} did not become healthy in {timeout} s")
-        time.sleep(0.1)
+class SlowEngine(LLMEngine):
+    """Steps take at least 20 ms, so a request stays running long enough to observe a queue."""
+
+    def step(self):
+        time.sleep(0.02)
+        return super().step()
 
 
 class ThreadedServer:
@@ -54,55 +55,6 @@ class ThreadedServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=60)
-
-
-class ServerProcess:
-    """`python -m server.cli serve --port 0 ...`; its log goes to a file (a pipe nobody reads
-    would fill up and block the server)."""
-
-    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", "0",
-             *args], cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})})
-        self.url = self._wait_url(timeout=60)
-
-    def _wait_url(self, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if m := _LISTENING.search(self.log()):
-                return m.group(1)
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        self.kill()
-        raise RuntimeError(f"server did not start:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_healthy(self, timeout: float = 300) -> "ServerProcess":
-        try:
-            wait_healthy(self.url, timeout)
-        except TimeoutError:
-            raise TimeoutError(f"server not healthy:\n{self.log()}") from None
-        return self
-
-    def terminate(self, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self.kill()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
 
 
 def parse_sse(lines: list[str]) -> tuple[list[dict], bool]:

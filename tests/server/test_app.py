@@ -1,5 +1,6 @@
 """The HTTP API on the tiny model (real uvicorn on a loopback port, in-process)."""
 
+import asyncio
 import threading
 import time
 
@@ -13,7 +14,14 @@ from server.app import create_app
 from server.config import ServerConfig
 from server.serving import resolve_max_tokens
 from tests.server.conftest import API_KEY, tiny_engine_config
-from tests.server.helpers import ThreadedServer, metric, metric_samples, parse_sse, wait_healthy
+from tests.server.helpers import (
+    SlowEngine,
+    ThreadedServer,
+    metric,
+    metric_samples,
+    parse_sse,
+    wait_healthy,
+)
 
 CHAT = {"messages": [{"role": "user", "content": "hi there"}], "max_tokens": 8, "temperature": 0}
 
@@ -32,7 +40,8 @@ def test_chat_non_streaming_shape(tiny_client, tiny_model_name, tiny_server):
     assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
     assert body["model"] == tiny_model_name
     choice = body["choices"][0]
-    assert choice["message"]["role"] == "assistant" and choice["finish_reason"] in ("stop", "length")
+    assert choice["message"]["role"] == "assistant"
+    assert choice["finish_reason"] in ("stop", "length")
     tokenizer = tiny_server.app.state.server.engine.info.tokenizer
     usage = body["usage"]
     assert usage["prompt_tokens"] == len(tokenizer.encode_chat(CHAT["messages"]))
@@ -46,7 +55,8 @@ def test_chat_stream_matches_non_stream(tiny_client):
     events, done = _stream(tiny_client, "/v1/chat/completions",
                            {**body, "stream_options": {"include_usage": True}})
     assert done
-    assert all(e["object"] == "chat.completion.chunk" and e["id"] == events[0]["id"] for e in events)
+    assert all(e["object"] == "chat.completion.chunk" for e in events)
+    assert all(e["id"] == events[0]["id"] for e in events)
     assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     *content, finish, usage = events
     assert finish["choices"][0] == {"index": 0, "delta": {}, "logprobs": None,
@@ -173,3 +183,35 @@ def _request_when_up(url: str, method: str, path: str) -> httpx.Response:
         except httpx.ConnectError:
             time.sleep(0.05)
     raise TimeoutError(url)
+
+
+
+def test_full_waiting_queue_is_429(tiny_model_dir):
+    config = ServerConfig(engine=tiny_engine_config(tiny_model_dir, max_num_seqs=1, max_waiting=1))
+    engine = AsyncLLM(config.engine, SlowEngine)
+    server = ThreadedServer(create_app(config, engine)).start()
+    long = {**CHAT, "max_tokens": 400, "ignore_eos": True}
+
+    async def main() -> httpx.Response:
+        async with (httpx.AsyncClient(base_url=server.url, timeout=60) as client,
+                    client.stream("POST", "/v1/chat/completions",
+                                  json={**long, "stream": True}) as running):
+            # Keep a reference: a collected line iterator closes the response (a disconnect).
+            lines = running.aiter_lines()
+            await anext(lines)  # the request now holds the only running slot
+            waiting = asyncio.create_task(client.post("/v1/chat/completions", json=long))
+            deadline = time.monotonic() + 5
+            while engine.stats.num_waiting < 1:
+                assert time.monotonic() < deadline, "the second request never queued"
+                await asyncio.sleep(0.01)
+            refused = await client.post("/v1/chat/completions", json=CHAT)
+            waiting.cancel()
+        return refused
+
+    try:
+        refused = asyncio.run(main())
+        assert refused.status_code == 429
+        assert refused.json()["error"]["code"] == "queue_full"
+        assert "waiting queue is full" in refused.json()["error"]["message"]
+    finally:
+        server.stop()

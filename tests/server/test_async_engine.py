@@ -10,6 +10,7 @@ from engine import CapacityExceeded, EngineDead, InvalidRequest, LLMEngine, Mode
 from engine.async_engine import AsyncLLM
 from scheduler import SamplingParams
 from tests.server.conftest import tiny_engine_config
+from tests.server.helpers import SlowEngine
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
@@ -63,7 +64,8 @@ def test_concurrent_greedy_equals_sequential(tiny_model_dir):
 
 def test_add_request_errors_surface(tiny_model_dir):
     async def main():
-        engine = await _started(tiny_engine_config(tiny_model_dir, max_num_seqs=1, max_waiting=1))
+        engine = await _started(tiny_engine_config(tiny_model_dir, max_num_seqs=1, max_waiting=1),
+                                engine_factory=SlowEngine)
         with pytest.raises(InvalidRequest):  # token id outside the vocabulary
             async for _ in engine.generate([10**6], GREEDY, "bad"):
                 pass
@@ -72,7 +74,8 @@ def test_add_request_errors_surface(tiny_model_dir):
         await anext(running)  # now it holds the only running slot
         waiting = engine.generate([5, 6], long, "waiting")
         waiting_first = asyncio.ensure_future(anext(waiting))
-        await asyncio.sleep(0.2)  # let the step loop queue it
+        while engine.stats.num_waiting < 1:  # let the step loop queue it
+            await asyncio.sleep(0.01)
         with pytest.raises(CapacityExceeded):
             async for _ in engine.generate([5, 6], GREEDY, "refused"):
                 pass
@@ -181,3 +184,18 @@ def test_idle_loop_does_not_spin(tiny_model_dir):
         return (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
 
     assert asyncio.run(main()) < 0.2
+
+
+def test_abort_ends_the_stream(tiny_model_dir):
+    async def main():
+        engine = await _started(tiny_engine_config(tiny_model_dir), engine_factory=SlowEngine)
+        stream = engine.generate([5, 6], SamplingParams(max_tokens=400, ignore_eos=True), "x")
+        first = await anext(stream)
+        engine.abort("x")
+        rest = await asyncio.wait_for(_collect(stream), 10)
+        await _wait_idle(engine)
+        await engine.stop()
+        return [first, *rest]
+
+    outs = asyncio.run(main())
+    assert not outs[-1].finished

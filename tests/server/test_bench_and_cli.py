@@ -1,0 +1,68 @@
+"""`dspark bench serve` end to end on the tiny model, and the CLI's flag derivation."""
+
+import json
+import subprocess
+import sys
+
+from bench import serve as bench_serve
+from engine.config import CacheConfig, EngineConfig
+from scheduler import SchedulerConfig
+from server.cli import build_parser, engine_config
+from tests.server.conftest import API_KEY
+from tests.server.helpers import REPO
+
+
+def test_bench_serve_writes_json_and_png(tiny_server, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"turns": [f"question {i}?", "more"]})
+                                 for i in range(5)))
+    out = tmp_path / "result"
+    code = bench_serve.main(["--url", tiny_server.url, "--api-key", API_KEY, "--prompts",
+                             str(prompts), "--concurrency", "1,3", "--rounds", "2",
+                             "--max-tokens", "6", "--out", str(out)])
+    assert code == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert "--concurrency 1,3" in " ".join(report["argv"])
+    assert [lv["concurrency"] for lv in report["levels"]] == [1, 3]
+    for level in report["levels"]:
+        assert level["num_requests"] == 2 * level["concurrency"] and level["num_failed"] == 0
+        assert level["aggregate_tok_s"] > 0 and level["median_per_user_tok_s"] > 0
+        assert all(r["completion_tokens"] == 6 for r in level["requests"])
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_engine_flags_follow_engine_config(tiny_model_dir):
+    parser = build_parser()
+    args = parser.parse_args(["serve", "--model", str(tiny_model_dir), "--device", "cpu",
+                              "--dtype", "float32", "--max-num-seqs", "3", "--max-waiting", "7",
+                              "--block-size", "32", "--max-model-len", "256"])
+    config = engine_config(args)
+    assert config.scheduler == SchedulerConfig(max_num_seqs=3, max_waiting=7)
+    assert config.cache == CacheConfig(block_size=32)
+    assert config == EngineConfig(model=str(tiny_model_dir), device="cpu", dtype="float32",
+                                  max_model_len=256, cache=config.cache,
+                                  scheduler=config.scheduler)
+    defaults = engine_config(parser.parse_args(["serve", "--device", "cpu", "--dtype", "float32"]))
+    assert defaults == EngineConfig(device="cpu", dtype="float32")
+
+
+def test_api_key_from_environment(monkeypatch):
+    monkeypatch.setenv("DSPARK_API_KEY", "from-env")
+    assert build_parser().parse_args(["serve"]).api_key == "from-env"
+
+
+def test_generate_prints_a_reply(tiny_model_dir):
+    r = subprocess.run([sys.executable, "-m", "server.cli", "generate", "hello", "--model",
+                        str(tiny_model_dir), "--device", "cpu", "--dtype", "float32",
+                        "--max-tokens", "5"], cwd=REPO, capture_output=True, timeout=120,
+                       check=False)
+    assert r.returncode == 0, r.stderr.decode()
+    assert r.stdout.strip()
+
+
+def test_serve_exits_when_the_model_cannot_load(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--port", "0", "--model",
+                        str(tmp_path / "missing"), "--device", "cpu", "--dtype", "float32"],
+                       cwd=REPO, capture_output=True, timeout=120, check=False)
+    assert r.returncode == 1
+    assert b"the model failed to load" in r.stderr
