@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
+from engine.llm_engine import LLMEngine, StepStats
 from engine.output_processor import RequestOutput
 from engine.tokenizer import Tokenizer
 from scheduler import EngineDead, InvalidRequest, SamplingParams
@@ -88,6 +88,12 @@ class AsyncLLM:
         self._info: EngineInfo | None = None
         self._stats = EngineStats()
         self._error: BaseException | None = None  # why the loop stopped, once it has
+        self._step_listeners: list[Callable[[StepStats], None]] = []
+        self._last_step: StepStats | None = None
+
+    def add_step_listener(self, listener: Callable[[StepStats], None]) -> None:
+        """Call `listener` on the engine thread with the statistics of every engine step."""
+        self._step_listeners.append(listener)
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -239,6 +245,11 @@ class AsyncLLM:
                 return
             if engine.has_unfinished():
                 batch.extend((out.req_id, out) for out in engine.step())
+                stats = engine.last_step
+                if stats is not None and stats is not self._last_step:
+                    self._last_step = stats
+                    for listener in self._step_listeners:
+                        listener(stats)
             self._stats = EngineStats(engine.scheduler.num_running, engine.scheduler.num_waiting,
                                       engine.block_manager.usage)
             if batch:

@@ -36,6 +36,7 @@ class StepStats:
     kv_usage: float
     # ℓ_r of each request that verified drafts this step (the verify budget per request)
     verify_lengths: list[int] = field(default_factory=list)
+    num_drafted: int = 0  # draft tokens proposed for the next step
     num_verify_tokens: int = 0  # K: draft tokens admitted
     expected_accepted: float = 0.0
     num_accepted: int = 0  # realised
@@ -204,6 +205,7 @@ class LLMEngine:
             verify_lengths=[s.num_draft_tokens for s in sched_out.scheduled if s.num_draft_tokens],
             num_verify_tokens=sched_out.num_verify_tokens, expected_accepted=sched_out.expected_accepted,
             num_accepted=sum(u.num_accepted_tokens for u in updates),
+            num_drafted=sum(map(len, runner_out.draft_token_ids or [])),
             forward_seconds=runner_out.forward_seconds, draft_seconds=runner_out.draft_seconds)
 
     def close(self) -> None:

@@ -18,7 +18,7 @@ from server.config import ServerConfig
 from server.errors import APIError, install_error_handlers
 from server.formats import ChatFormat, CompletionFormat
 from server.metrics import Metrics
-from server.middleware import BodySizeLimitMiddleware
+from server.middleware import BodySizeLimitMiddleware, ErrorCountingMiddleware
 from server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from server.serving import ServingContext, plan_chat, plan_completion, respond
 
@@ -108,6 +108,7 @@ def create_app(config: ServerConfig, engine: AsyncLLM | None = None,
                on_fatal: Callable[[], None] | None = None) -> FastAPI:
     """The app; `engine` defaults to an `AsyncLLM` of `config.engine`, loaded at startup."""
     state = ServerState(config, engine or AsyncLLM(config.engine), Metrics(), on_fatal=on_fatal)
+    state.engine.add_step_listener(state.metrics.observe_step)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -127,6 +128,7 @@ def create_app(config: ServerConfig, engine: AsyncLLM | None = None,
     app.state.server = state
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=config.max_request_bytes)
+    app.add_middleware(ErrorCountingMiddleware, metrics=state.metrics)  # outermost: sees 413s too
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:

@@ -11,6 +11,7 @@ from contextlib import aclosing
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from engine.async_engine import EngineStats
+from engine.llm_engine import StepStats
 from engine.output_processor import RequestOutput
 from scheduler import CapacityExceeded, InvalidRequest
 
@@ -25,6 +26,11 @@ _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05
 _TOKS_PER_S_BUCKETS = (1, 2, 5, 10, 15, 20, 25, 30, 40, 50, 60, 75, 100, 125, 150, 200, 250, 300,
                        400, 500, 750, 1000, 2000)
 _ACCEPTED_LEN_BUCKETS = tuple(range(17))
+_STEP_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
+                         0.5, 0.75, 1.0, 2.0, 5.0)
+_CAPACITY_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# Statuses counted from the start (at zero) so that rate() sees the first error.
+ERROR_STATUSES = ("400", "401", "404", "413", "429", "500", "503")
 _VERIFY_TOKENS_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 24, 32, 48, 64)
 
 
@@ -66,7 +72,6 @@ class Metrics:
                                   registry=r)
         self.spec_accepted = Counter("dspark:spec_decode_num_accepted_tokens",
                                      "Accepted draft tokens", m, registry=r)
-        # Needs per-step verify counts from the engine, which RequestOutput does not carry yet.
         self.spec_verify = Counter("dspark:spec_decode_num_verify_tokens",
                                    "Draft tokens sent to verification", m, registry=r)
         self.spec_accepted_len = Histogram("dspark:spec_decode_accepted_length",
@@ -75,6 +80,21 @@ class Metrics:
         self.spec_verify_per_req = Histogram("dspark:spec_decode_verify_tokens_per_request",
                                              "Draft tokens verified per request per step", m,
                                              buckets=_VERIFY_TOKENS_BUCKETS, registry=r)
+        self.spec_expected = Counter("dspark:spec_decode_expected_accepted_tokens",
+                                     "Draft tokens the confidences expected to be accepted", m,
+                                     registry=r)
+        self.spec_capacity = Histogram("dspark:spec_decode_capacity",
+                                       "Draft tokens admitted to verification per step (K)", m,
+                                       buckets=_CAPACITY_BUCKETS, registry=r)
+        self.draft_time = Histogram("dspark:spec_decode_draft_time_seconds",
+                                    "Time per engine step spent drafting", m,
+                                    buckets=_STEP_SECONDS_BUCKETS, registry=r)
+        self.verify_time = Histogram("dspark:spec_decode_verify_time_seconds",
+                                     "Time per engine step in the target forward and sampling", m,
+                                     buckets=_STEP_SECONDS_BUCKETS, registry=r)
+        self.request_errors = Counter("dspark:request_errors",
+                                      "Requests answered with an HTTP error status",
+                                      [*m, "status_code"], registry=r)
         self.model_name: str | None = None
 
     def bind_model(self, model_name: str) -> None:
@@ -83,10 +103,34 @@ class Metrics:
         for metric in (self.ttft, self.itl, self.e2e, self.queue_time, self.tokens_per_s,
                        self.prompt_tokens, self.generation_tokens, self.running, self.waiting,
                        self.kv_usage, self.spec_draft, self.spec_accepted, self.spec_verify,
-                       self.spec_accepted_len, self.spec_verify_per_req):
+                       self.spec_accepted_len, self.spec_verify_per_req, self.spec_expected,
+                       self.spec_capacity, self.draft_time, self.verify_time):
             metric.labels(model_name)
         for reason in FINISH_REASONS:
             self.request_success.labels(model_name, reason)
+        for status in ERROR_STATUSES:
+            self.request_errors.labels(model_name, status)
+
+    def observe_step(self, stats: StepStats) -> None:
+        """Per-step series; called on the engine thread (prometheus_client is thread-safe)."""
+        if self.model_name is None:
+            return
+        model = self.model_name
+        self.verify_time.labels(model).observe(stats.forward_seconds)
+        if stats.draft_seconds:
+            self.draft_time.labels(model).observe(stats.draft_seconds)
+        self.spec_draft.labels(model).inc(stats.num_drafted)
+        if stats.verify_lengths:
+            self.spec_verify.labels(model).inc(stats.num_verify_tokens)
+            self.spec_accepted.labels(model).inc(stats.num_accepted)
+            self.spec_expected.labels(model).inc(stats.expected_accepted)
+            self.spec_capacity.labels(model).observe(stats.num_verify_tokens)
+            for n in stats.verify_lengths:
+                self.spec_verify_per_req.labels(model).observe(n)
+
+    def count_error(self, status: int) -> None:
+        if self.model_name is not None and status >= 400:
+            self.request_errors.labels(self.model_name, str(status)).inc()
 
     def render(self, stats: EngineStats) -> bytes:
         """The exposition text, with the gauges refreshed from `stats`."""
@@ -154,5 +198,3 @@ class RequestTracker:
             decode_time = out.finished_time - (out.first_token_time or out.finished_time)
             if len(out.token_ids) > 1 and decode_time > 0:
                 m.tokens_per_s.labels(model).observe((len(out.token_ids) - 1) / decode_time)
-        m.spec_draft.labels(model).inc(out.num_draft_tokens)
-        m.spec_accepted.labels(model).inc(out.num_accepted_tokens)

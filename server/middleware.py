@@ -1,8 +1,10 @@
-"""ASGI middleware: a request body size limit (413), enforced while the body streams in."""
+"""ASGI middleware: a request body size limit (413), enforced while the body streams in, and
+the count of error responses for the metrics."""
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import error_response
+from server.metrics import Metrics
 
 # An over-limit body is still read (and dropped) up to this multiple of the limit before the 413
 # goes out: a client that is still uploading when the server answers and closes often sees a
@@ -50,3 +52,23 @@ class BodySizeLimitMiddleware:
             return await receive()  # after the body: waits for http.disconnect
 
         await self.app(scope, replay, send)
+
+
+class ErrorCountingMiddleware:
+    """Counts responses with an HTTP error status in `dspark:request_errors`."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.count_error(message["status"])
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
