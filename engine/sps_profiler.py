@@ -27,8 +27,8 @@ _CONTEXT = 128
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("DSPARK_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dspark"
-    return Path(base) / "sps"
+    """$XDG_CACHE_HOME/dspark/sps (the XDG convention; ~/.cache when unset)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dspark" / "sps"
 
 
 def profile_key(model_name: str, device: torch.device, dtype: str, threads: int, block_size: int) -> str:

@@ -23,14 +23,15 @@ class SPSTable:
 
     @classmethod
     def from_measurements(cls, seconds: dict[int, float], key: str = "") -> "SPSTable":
-        """Smooth raw timings: a step never gets faster by carrying more tokens, so step
-        time is made non-decreasing (running maximum) before it is stored."""
+        """Smooth raw timings: a step never gets faster by carrying more tokens, and timing
+        noise only ever adds time, so each step time is capped by the fastest measurement at
+        any larger batch (running minimum from the right)."""
         sizes = sorted(seconds)
-        smoothed, peak = [], 0.0
-        for b in sizes:
-            peak = max(peak, seconds[b])
-            smoothed.append(peak)
-        return cls(tuple(sizes), tuple(smoothed), key)
+        smoothed, floor = [], float("inf")
+        for b in reversed(sizes):
+            floor = min(floor, seconds[b])
+            smoothed.append(floor)
+        return cls(tuple(sizes), tuple(reversed(smoothed)), key)
 
     def step_time(self, batch: int) -> float:
         xs, ys = self.batch_sizes, self.step_seconds

@@ -13,13 +13,13 @@ from collections.abc import Sequence
 from dataclasses import MISSING, fields
 from typing import Any
 
-from engine.config import CacheConfig, EngineConfig
+from engine.config import CacheConfig, EngineConfig, SpeculativeConfig
 from scheduler import SchedulerConfig
 from server import envs
 
 # Flags handled explicitly (positional in EngineConfig.from_options) or not meaningful as flags.
-_EXPLICIT = {"model", "device", "dtype", "cache", "scheduler"}
-BENCHMARKS = {"serve": "bench.serve", "engine": "bench.engine"}
+_EXPLICIT = {"model", "device", "dtype", "cache", "scheduler", "speculative"}
+BENCHMARKS = {"serve": "bench.serve", "engine": "bench.engine", "spec": "bench.spec"}
 
 
 def _scalar_type(tp: Any) -> type | None:
@@ -27,12 +27,12 @@ def _scalar_type(tp: Any) -> type | None:
     if isinstance(tp, types.UnionType):
         args = [a for a in tp.__args__ if a is not type(None)]
         tp = args[0] if len(args) == 1 else None
-    return tp if tp in (int, float, str) else None
+    return tp if tp in (int, float, str, bool) else None
 
 
 def _engine_fields() -> list[tuple[str, type, Any, str]]:
     out = []
-    for cls in (EngineConfig, CacheConfig, SchedulerConfig):
+    for cls in (EngineConfig, CacheConfig, SchedulerConfig, SpeculativeConfig):
         for f in fields(cls):
             tp = _scalar_type(f.type)
             if f.name in _EXPLICIT or tp is None:
@@ -50,8 +50,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", default=None,
                        help="float32 / bfloat16 / float16 (default: bf16 on CUDA and bf16 CPUs)")
     for name, tp, default, owner in _engine_fields():
-        group.add_argument(f"--{name.replace('_', '-')}", type=tp, default=None,
-                           help=f"{owner}.{name} (default: {default})")
+        flag, help_ = f"--{name.replace('_', '-')}", f"{owner}.{name} (default: {default})"
+        if tp is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        else:
+            group.add_argument(flag, type=tp, default=None, help=help_)
 
 
 def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -98,6 +101,19 @@ def _bench(args: argparse.Namespace) -> int:
     return int(bench.main(args.args) or 0)
 
 
+def _draft(args: argparse.Namespace) -> int:
+    from draft.cli import main as draft_main
+
+    return int(draft_main(args.args) or 0)
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from bench.profile import profile_and_plot
+
+    profile_and_plot(engine_config(args), refresh=args.refresh)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dspark", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,6 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="options of the benchmark (dspark bench serve --help)")
     bench.add_argument("--log-level", default="warning")
     bench.set_defaults(func=_bench)
+
+    draft = sub.add_parser("draft", help="drafters: data | train | calibrate | eval")
+    draft.add_argument("args", nargs=argparse.REMAINDER, help="dspark draft --help")
+    draft.add_argument("--log-level", default="info")
+    draft.set_defaults(func=_draft)
+
+    profile = sub.add_parser("profile", help="measure, print and plot the SPS curve")
+    profile.add_argument("--refresh", action="store_true", help="measure even if cached")
+    profile.add_argument("--log-level", default="info")
+    add_engine_args(profile)
+    profile.set_defaults(func=_profile)
     return parser
 
 

@@ -87,10 +87,10 @@ def _isolated_cache(tmp_path_factory):
     """Profiles (SPS tables) go to a per-session folder, never the user's cache."""
     import os
 
-    old = os.environ.get("DSPARK_CACHE_DIR")
-    os.environ["DSPARK_CACHE_DIR"] = str(tmp_path_factory.mktemp("dspark-cache"))
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
     yield
     if old is None:
-        os.environ.pop("DSPARK_CACHE_DIR", None)
+        os.environ.pop("XDG_CACHE_HOME", None)
     else:
-        os.environ["DSPARK_CACHE_DIR"] = old
+        os.environ["XDG_CACHE_HOME"] = old
