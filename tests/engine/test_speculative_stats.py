@@ -13,6 +13,8 @@ from engine import LLM, SamplingParams
 from engine.sampler import Sampler
 from tests.conftest import make_tiny_model
 
+pytestmark = pytest.mark.slow  # 4 x 40k generations: make test runs it, make test-fast skips it
+
 VOCAB = 8
 NUM_SAMPLES = 20_000
 PROMPT = [1, 5, 2]
