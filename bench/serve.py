@@ -68,6 +68,10 @@ class LevelResult:
     median_itl_s: float
     median_e2e_s: float
     requests: list[RequestResult]
+    # From the server's /metrics over the level: mean draft tokens verified per request per
+    # step (DSpark's verify budget; NaN without speculation) and accepted per verified token.
+    avg_verify_tokens_per_request: float = math.nan
+    acceptance_rate: float = math.nan
 
 
 async def run_request(client: httpx.AsyncClient, body: dict, level_start: float) -> RequestResult:
@@ -188,9 +192,38 @@ async def sweep(url: str, args: argparse.Namespace) -> tuple[str, list[LevelResu
         # Different prompts per level (offset), so no level replays another's prompts.
         bodies = build_bodies(prompts[offset % len(prompts):] + prompts, n, model, args)
         offset += n
-        levels.append(await run_level(url, headers, bodies, c, bar))
+        before = await spec_counters(url)
+        level = await run_level(url, headers, bodies, c, bar)
+        after = await spec_counters(url)
+        delta = {k: after[k] - before[k] for k in after}
+        if delta["verify_count"]:
+            level.avg_verify_tokens_per_request = delta["verify_sum"] / delta["verify_count"]
+        if delta["verified"]:
+            level.acceptance_rate = delta["accepted"] / delta["verified"]
+        levels.append(level)
     bar.close()
     return model, levels
+
+
+_SPEC_SERIES = {"verify_sum": "dspark:spec_decode_verify_tokens_per_request_sum",
+                "verify_count": "dspark:spec_decode_verify_tokens_per_request_count",
+                "verified": "dspark:spec_decode_num_verify_tokens_total",
+                "accepted": "dspark:spec_decode_num_accepted_tokens_total"}
+
+
+async def spec_counters(url: str) -> dict[str, float]:
+    """Totals of the speculation series on the server's /metrics (all models summed)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        text = (await client.get("/metrics")).text
+    totals = dict.fromkeys(_SPEC_SERIES, 0.0)
+    names = {v: k for k, v in _SPEC_SERIES.items()}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in names:
+                totals[names[sample.name]] += sample.value
+    return totals
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
