@@ -34,6 +34,8 @@ class DraftInput:
     this step committed to the KV (None for drafters without `target_layers`). Features of
     later positions that a drafter holds from earlier steps are stale (rejected) and dropped.
     `wants_proposal`: False for a prefill chunk that sampled nothing (only context grows).
+    `temperature`: the request's sampling temperature (None: unknown; 0: greedy), so a
+    drafter can match the target's sharpness or take the argmax.
     """
 
     req_id: str
@@ -41,6 +43,7 @@ class DraftInput:
     num_computed_tokens: int
     context_features: torch.Tensor | None = None
     wants_proposal: bool = True
+    temperature: float | None = None
 
 
 @dataclass(slots=True)
@@ -77,5 +80,5 @@ class Drafter(ABC):
     def propose(self, inputs: list[DraftInput]) -> list[Proposal]:
         """One proposal per input, in order (empty where `wants_proposal` is False)."""
 
-    def free(self, req_id: str) -> None:  # noqa: B027 - stateless drafters keep nothing
+    def free(self, req_id: str) -> None:
         """Forget a finished or preempted request."""

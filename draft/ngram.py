@@ -3,7 +3,7 @@
 
 import numpy as np
 
-from draft.base import EMPTY_PROPOSAL, DraftInput, Drafter, Proposal
+from draft.base import EMPTY_PROPOSAL, Drafter, DraftInput, Proposal
 
 
 class NgramDrafter(Drafter):

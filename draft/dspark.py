@@ -1,0 +1,380 @@
+"""DSpark drafter (and DFlash, the same backbone without the sequential head).
+
+Backbone: a few transformer layers over one block of γ inputs, the anchor's embedding followed by
+γ-1 copies of a learned mask embedding, at positions p..p+γ-1 (p = the anchor's position). Input
+k predicts token x_{k+1}: γ inputs give γ logits. Attention inside the block is bidirectional.
+Every layer also attends to the target's context: hidden states of `target_layers` at all
+committed positions before the anchor, concatenated, projected by one shared `fc` and RMS-normed,
+then turned into extra K/V by each layer's own K/V projections (KV injection). Embedding and LM
+head are the target's, frozen and shared (never saved with the drafter).
+
+Then the sequential head (draft/heads.py) adds B_k(x_{k-1}) to the base logits, left to right,
+and the confidence head estimates each token's acceptance. At inference the context K/V are
+cached per request and grow with the committed tokens; rejected positions are dropped.
+"""
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from draft.base import EMPTY_PROPOSAL, Drafter, DraftInput, Proposal, TargetHandle
+from draft.heads import ConfidenceHead, make_head
+from engine.model import RMSNorm, RotaryEmbedding
+
+
+@dataclass(frozen=True, slots=True)
+class DSparkConfig:
+    kind: str = "dspark"  # dspark | dflash (the same backbone, head="none")
+    hidden_size: int = 576  # = the target's (shared embedding and LM head)
+    vocab_size: int = 49152
+    num_layers: int = 2
+    num_heads: int = 9
+    num_kv_heads: int = 3
+    head_dim: int = 64
+    intermediate_size: int = 1024
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 100000.0
+    max_positions: int = 8192
+    target_layers: tuple[int, ...] = (1, 8, 15, 22, 29)
+    block_size: int = 7  # γ the drafter is trained for
+    head: str = "markov"  # markov | rnn | none
+    head_rank: int = 32
+    confidence: bool = True
+    # Sequential Temperature Scaling of the confidence logits, one per position (None: 1.0).
+    confidence_temperatures: tuple[float, ...] | None = None
+    target_model: str = ""  # the target this drafter was trained against (informational)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["target_layers"] = list(self.target_layers)
+        if self.confidence_temperatures is not None:
+            d["confidence_temperatures"] = list(self.confidence_temperatures)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict):
+        names = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in names}
+        if "target_layers" in d:
+            d["target_layers"] = tuple(d["target_layers"])
+        if d.get("confidence_temperatures") is not None:
+            d["confidence_temperatures"] = tuple(d["confidence_temperatures"])
+        return cls(**d)
+
+
+class DraftLayer(nn.Module):
+    """Pre-norm attention (block queries over [context K/V; block K/V]) + SwiGLU MLP."""
+
+    def __init__(self, cfg: DSparkConfig) -> None:
+        super().__init__()
+        h, self.nh, self.nkv, self.hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps)
+        self.q_proj = nn.Linear(h, self.nh * self.hd, bias=False)
+        self.kv_proj = nn.Linear(h, 2 * self.nkv * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.nh * self.hd, h, bias=False)
+        self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps)
+        self.gate_up_proj = nn.Linear(h, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, h, bias=False)
+
+    def kv(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [..., T, hidden] at positions [..., T] -> rotated K and V [..., T, Hkv, D]."""
+        k, v = self.kv_proj(x).view(*x.shape[:-1], 2, self.nkv, self.hd).unbind(-3)
+        return _rotate(k, positions, rotary), v
+
+    def context_kv(self, context: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding):
+        """K/V injection: the projected, normed target features [..., T, hidden] (no layer norm)."""
+        return self.kv(context, positions, rotary)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
+                ctx_k: torch.Tensor, ctx_v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x [B, Q, hidden] at positions [B, Q]; ctx_k/v [B, L, Hkv, D]; mask [B, 1, Q, L + Q]."""
+        y = self.input_layernorm(x)
+        q = _rotate(self.q_proj(y).view(*y.shape[:-1], self.nh, self.hd), positions, rotary)
+        k, v = self.kv(y, positions, rotary)
+        k = torch.cat([ctx_k.to(k.dtype), k], dim=1).transpose(1, 2)  # [B, Hkv, L + Q, D]
+        v = torch.cat([ctx_v.to(v.dtype), v], dim=1).transpose(1, 2)
+        q = q.transpose(1, 2)  # [B, H, Q, D]
+        dtype = q.dtype
+        if q.device.type == "cpu" and dtype != torch.float32:  # CPU SDPA is slow in bf16
+            q, k, v = q.float(), k.float(), v.float()
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        x = x + self.o_proj(o.to(dtype).transpose(1, 2).reshape(*x.shape[:-1], self.nh * self.hd))
+        gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
+        return x + self.down_proj(F.silu(gate) * up)
+
+
+def _rotate(x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding) -> torch.Tensor:
+    """Neox rotary on x [..., T, heads, D] at positions [..., T] (the engine's tables)."""
+    cos = rotary.cos.index_select(0, positions.reshape(-1)).view(*positions.shape, 1, -1).to(x.dtype)
+    sin = rotary.sin.index_select(0, positions.reshape(-1)).view(*positions.shape, 1, -1).to(x.dtype)
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rot * sin
+
+
+class DSparkModel(nn.Module):
+    """The trainable drafter; the target's shared modules are held, not registered."""
+
+    uses_prev_features = False
+
+    def __init__(self, cfg: DSparkConfig, target: TargetHandle) -> None:
+        super().__init__()
+        assert cfg.hidden_size == target.hidden_size and cfg.vocab_size == target.vocab_size
+        assert cfg.num_heads * cfg.head_dim > 0 and cfg.num_heads % cfg.num_kv_heads == 0
+        self.config = cfg
+        self.target = target  # a dataclass, so nn.Module does not register (or save) it
+        h = cfg.hidden_size
+        self.fc = nn.Linear(len(cfg.target_layers) * h, h, bias=False)
+        self.hidden_norm = RMSNorm(h, cfg.rms_norm_eps)
+        self.mask_embedding = nn.Parameter(torch.zeros(h))
+        self.layers = nn.ModuleList(DraftLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(h, cfg.rms_norm_eps)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_positions, cfg.rope_theta)
+        head = "none" if cfg.kind == "dflash" else cfg.head
+        self.head = make_head(head, cfg.vocab_size, cfg.head_rank, h)
+        conf_dim = h + (cfg.head_rank if self.head is not None else 0)
+        self.confidence = ConfidenceHead(conf_dim) if cfg.confidence else None
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        for layer in self.layers:
+            for m in (layer.q_proj, layer.kv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
+                nn.init.normal_(m.weight, std=0.02)
+        nn.init.normal_(self.fc.weight, std=0.02 / math.sqrt(len(self.config.target_layers)))
+        emb = self.target.embed_tokens.weight
+        if emb.device.type != "meta":
+            self.mask_embedding.copy_(emb.float().mean(0))
+            norm_w = getattr(self.target.final_norm, "weight", None)
+            if norm_w is not None:
+                # a quarter of the target's output scale: random initial directions then give
+                # flat rather than confidently wrong distributions
+                self.norm.weight.copy_(0.25 * norm_w.float())
+
+    # ---- pieces shared by training and inference ---------------------------------------
+
+    def project_context(self, features: torch.Tensor) -> torch.Tensor:
+        """[..., len(target_layers) * hidden] -> [..., hidden]."""
+        return self.hidden_norm(self.fc(features.to(self.fc.weight.dtype)))
+
+    def block_inputs(self, anchor_ids: torch.Tensor, block: int,
+                     prev_features: torch.Tensor | None = None) -> torch.Tensor:
+        """anchor_ids [N] -> [N, block, hidden]: the anchor's embedding then mask embeddings.
+        (`prev_features` [N, F], the context features just before the anchor, serve MTP.)"""
+        emb = self.target.embed_tokens(anchor_ids).to(self.mask_embedding.dtype)
+        rest = self.mask_embedding.expand(anchor_ids.shape[0], block - 1, -1)
+        return torch.cat([emb[:, None], rest], dim=1)
+
+    def base_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Backbone hidden [..., hidden] -> U [..., vocab] in fp32 via the shared LM head."""
+        shape = h.shape[:-1]
+        flat = h.reshape(-1, h.shape[-1]).to(self.target.dtype)
+        return self.target.lm_head(flat).float().view(*shape, -1)
+
+    def confidence_logits(self, h: torch.Tensor, prev_ids: torch.Tensor) -> torch.Tensor | None:
+        """h [..., hidden], prev_ids [...] -> confidence logits [...] (before STS)."""
+        if self.confidence is None:
+            return None
+        feats = h
+        if self.head is not None:
+            feats = torch.cat([h, self.head.prev_embed(prev_ids).to(h.dtype)], dim=-1)
+        return self.confidence(feats)
+
+    @property
+    def max_draft_tokens(self) -> int:
+        return 10**6  # mask positions beyond the trained block still get (weaker) drafts
+
+    def sts_temperatures(self, block: int, device: torch.device) -> torch.Tensor:
+        temps = list(self.config.confidence_temperatures or [])
+        temps = (temps + [temps[-1] if temps else 1.0] * block)[:block]
+        return torch.tensor(temps, device=device, dtype=torch.float32)
+
+    def make_drafter(self, num_draft_tokens: int, seed: int = 0) -> "DSparkDrafter":
+        return DSparkDrafter(self, num_draft_tokens, seed)
+
+    # ---- training: many anchor blocks over padded sequences ----------------------------
+
+    def forward_blocks(self, token_ids: torch.Tensor, features: torch.Tensor,
+                       anchors: torch.Tensor, block: int) -> torch.Tensor:
+        """Teacher-forced backbone over every anchor block.
+
+        token_ids [B, S], features [B, S, F] (padding beyond a sequence's end is never attended:
+        anchors lie inside it), anchors [B, N] positions -> hidden h [B, N, block, hidden].
+        Block (b, n) attends to context positions < anchors[b, n] and to its own block.
+        """
+        bsz, seq = token_ids.shape
+        num = anchors.shape[1]
+        device = token_ids.device
+        prev = features.gather(1, (anchors - 1).clamp(min=0)[..., None].expand(-1, -1, features.shape[-1]))
+        x = self.block_inputs(token_ids.gather(1, anchors).reshape(-1), block,
+                              prev.reshape(-1, features.shape[-1]))  # [B*N, block, h]
+        x = x.view(bsz, num * block, -1)
+        offs = torch.arange(block, device=device)
+        q_pos = (anchors[:, :, None] + offs).reshape(bsz, -1)  # [B, N*block]
+        ctx_pos = torch.arange(seq, device=device).expand(bsz, -1)
+        context = self.project_context(features)  # [B, S, h]
+        q_anchor = anchors.repeat_interleave(block, dim=1)  # [B, N*block]
+        see_ctx = ctx_pos[:, None, :] < q_anchor[:, :, None]  # [B, Q, S]
+        qb = torch.arange(num, device=device).repeat_interleave(block)
+        see_block = (qb[:, None] == qb[None, :]).expand(bsz, -1, -1)  # [B, Q, Q]
+        mask = torch.cat([see_ctx, see_block], dim=-1)[:, None]
+        for layer in self.layers:
+            ctx_k, ctx_v = layer.context_kv(context, ctx_pos, self.rotary)
+            x = layer(x, q_pos, self.rotary, ctx_k, ctx_v, mask)
+        return self.norm(x).view(bsz, num, block, -1)
+
+    def train_forward(self, token_ids: torch.Tensor, features: torch.Tensor, num_tokens: torch.Tensor,
+                      anchors: torch.Tensor, keep: torch.Tensor):
+        """The trainer's entry point: (draft logits [B, N, γ, V], confidence logits [B, N, γ] or
+        None, label positions [B, N, γ] (whose target distribution and next token position k
+        must match), mask [B, N, γ])."""
+        from draft.training.anchors import block_labels
+
+        block = self.config.block_size
+        prev_ids, label_pos, mask = block_labels(token_ids, num_tokens, anchors, keep, block)
+        h = self.forward_blocks(token_ids, features, anchors, block)
+        bsz, num = anchors.shape
+        logits, conf = self.teacher_forced(h.flatten(0, 1), prev_ids.flatten(0, 1))
+        logits = logits.view(bsz, num, block, -1)
+        conf = None if conf is None else conf.view(bsz, num, block)
+        return logits, conf, label_pos, mask
+
+    def teacher_forced(self, h: torch.Tensor, prev_ids: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """h [N, γ, hidden], prev_ids [N, γ] (anchor, then true tokens) -> (draft logits
+        [N, γ, vocab] fp32, confidence logits [N, γ] or None)."""
+        logits = self.base_logits(h)
+        if self.head is not None:
+            logits = logits + self.head.teacher_forced(prev_ids, h).float()
+        return logits, self.confidence_logits(h, prev_ids)
+
+
+class _ContextCache:
+    """Per-request context K/V of every draft layer, grown by doubling, truncated on rollback."""
+
+    def __init__(self, num_layers: int, nkv: int, hd: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.kv = torch.empty(num_layers, 2, 64, nkv, hd, dtype=dtype, device=device)
+        self.length = 0
+        self.last_features: torch.Tensor | None = None  # raw features of position length-1
+
+    def append(self, start: int, kv: torch.Tensor) -> None:
+        """kv [layers, 2, m, Hkv, D] for positions start..start+m-1; later ones are dropped."""
+        assert start <= self.length, "context features skipped positions"
+        end = start + kv.shape[2]
+        if end > self.kv.shape[2]:
+            grown = self.kv.new_empty(*self.kv.shape[:2], max(end, 2 * self.kv.shape[2]), *self.kv.shape[3:])
+            grown[:, :, :start] = self.kv[:, :, :start]
+            self.kv = grown
+        self.kv[:, :, start:end] = kv
+        self.length = end
+
+
+class DSparkDrafter(Drafter):
+    """The engine-facing drafter: one backbone pass per step for all proposing requests, then
+    the sequential head samples left to right.
+
+    Draft tokens are drawn from softmax(logits / T) with the request's temperature T (so the
+    draft distribution has the target's sharpness), or taken as the argmax for greedy requests
+    (then `draft_probs` is None: one-hot). Every token really is drawn from the row returned in
+    `draft_probs`, which keeps verification lossless.
+    """
+
+    def __init__(self, model: DSparkModel, num_draft_tokens: int, seed: int = 0) -> None:
+        self.model = model.eval()
+        self.name = model.config.kind
+        # a drafter trained for fewer positions (MTP: 1) proposes no more than it learned
+        self.num_draft_tokens = min(num_draft_tokens, model.max_draft_tokens)
+        self.target_layers = tuple(model.config.target_layers)
+        self.caches: dict[str, _ContextCache] = {}
+        self.generator = torch.Generator(device=model.target.device).manual_seed(seed)
+
+    def free(self, req_id: str) -> None:
+        self.caches.pop(req_id, None)
+
+    @torch.inference_mode()
+    def propose(self, inputs: list[DraftInput]) -> list[Proposal]:
+        self._extend_context(inputs)
+        drafting = [i for i, x in enumerate(inputs) if x.wants_proposal and self.num_draft_tokens > 0]
+        out = [EMPTY_PROPOSAL] * len(inputs)
+        if drafting:
+            for i, p in zip(drafting, self._draft([inputs[i] for i in drafting])):
+                out[i] = p
+        return out
+
+    def _extend_context(self, inputs: list[DraftInput]) -> None:
+        m = self.model
+        with_feats = [x for x in inputs if x.context_features is not None and x.context_features.shape[0]]
+        if not with_feats:
+            return
+        feats = torch.cat([x.context_features for x in with_feats])  # [M, F]
+        positions = torch.cat([torch.arange(x.num_computed_tokens - x.context_features.shape[0],
+                                            x.num_computed_tokens) for x in with_feats]).to(feats.device)
+        context = m.project_context(feats)
+        kv = torch.stack([torch.stack(layer.context_kv(context, positions, m.rotary))
+                          for layer in m.layers])  # [layers, 2, M, Hkv, D]
+        start = 0
+        cfg = m.config
+        for x in with_feats:
+            n = x.context_features.shape[0]
+            cache = self.caches.get(x.req_id)
+            if cache is None:
+                cache = self.caches[x.req_id] = _ContextCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+                                                              kv.dtype, kv.device)
+            cache.append(x.num_computed_tokens - n, kv[:, :, start:start + n])
+            cache.last_features = x.context_features[-1]
+            start += n
+
+    def _draft(self, inputs: list[DraftInput]) -> list[Proposal]:
+        m, cfg = self.model, self.model.config
+        gamma = self.num_draft_tokens
+        device = m.mask_embedding.device
+        caches = [self.caches.get(x.req_id) for x in inputs]
+        lengths = [c.length if c is not None else 0 for c in caches]
+        for x, n in zip(inputs, lengths):
+            assert n == x.num_computed_tokens, f"{x.req_id}: context {n} != computed {x.num_computed_tokens}"
+        num, l_max = len(inputs), max(lengths)
+        anchors = torch.tensor([x.token_ids[-1] for x in inputs], device=device)
+        pos0 = torch.tensor(lengths, device=device)
+        q_pos = pos0[:, None] + torch.arange(gamma, device=device)  # [R, γ]
+        ctx_kv = m.mask_embedding.new_zeros(cfg.num_layers, 2, num, l_max, cfg.num_kv_heads, cfg.head_dim)
+        for r, c in enumerate(caches):
+            if c is not None and c.length:
+                ctx_kv[:, :, r, :c.length] = c.kv[:, :, :c.length]
+        see_ctx = torch.arange(l_max, device=device)[None, :] < pos0[:, None]  # [R, L]
+        mask = torch.cat([see_ctx[:, None, :].expand(-1, gamma, -1),
+                          torch.ones(num, gamma, gamma, dtype=torch.bool, device=device)], dim=-1)[:, None]
+        prev_feats = torch.stack([c.last_features for c in caches]) if m.uses_prev_features else None
+        x = m.block_inputs(anchors, gamma, prev_feats)
+        for i, layer in enumerate(m.layers):
+            x = layer(x, q_pos, m.rotary, ctx_kv[i, 0], ctx_kv[i, 1], mask)
+        h = m.norm(x)  # [R, γ, hidden]
+        base = m.base_logits(h)  # [R, γ, V]
+        temps = [x.temperature if x.temperature is not None else 1.0 for x in inputs]
+        greedy = torch.tensor([t == 0 for t in temps], device=device)
+        inv_t = torch.tensor([1.0 / t if t > 0 else 1.0 for t in temps], device=device)[:, None]
+        sts = m.sts_temperatures(gamma, device)
+        state = m.head.init_state(num, h) if m.head is not None else None
+        prev = anchors
+        tokens, probs, conf = [], [], []
+        for k in range(gamma):
+            logits = base[:, k]
+            if m.head is not None:
+                bias, state = m.head.step(state, prev, h[:, k])
+                logits = logits + bias.float()
+            p = (logits * inv_t).softmax(-1)  # [R, V]
+            sampled = torch.multinomial(p, 1, generator=self.generator)[:, 0]
+            tok = torch.where(greedy, logits.argmax(-1), sampled)
+            c = m.confidence_logits(h[:, k], prev)
+            conf.append(torch.sigmoid(c / sts[k]) if c is not None else torch.ones(num, device=device))
+            tokens.append(tok)
+            probs.append(p)
+            prev = tok
+        tokens_t = torch.stack(tokens, 1).tolist()
+        probs_t = torch.stack(probs, 1).float()  # [R, γ, V]
+        conf_t = torch.stack(conf, 1).float().tolist()
+        return [Proposal(tokens_t[r], None if temps[r] == 0 else probs_t[r], conf_t[r])
+                for r in range(num)]

@@ -1,0 +1,237 @@
+"""EAGLE-3: a one-layer autoregressive drafter on fused low/mid/high target features, trained
+with training-time test (TTT) over γ steps.
+
+Input at position t: [RMSNorm(Emb(x_t)); RMSNorm(g_{t-1})] (2·hidden), where g_{t-1} is the
+fused target feature fc([f_low; f_mid; f_high]) at t-1 for committed positions, and the drafter's
+own output hidden state at t-1 for positions it drafted itself. One decoder layer (Q/K/V from
+the 2·hidden input, residual from g) with causal attention, then a norm and the shared LM head:
+the output at t predicts x_{t+1} and serves as g_t for the next step. At inference the layer's
+K/V of committed positions are cached per request (only a projection: the layer has no layer
+below it), and γ single-token steps draft left to right.
+
+TTT: step j (1..γ) runs every position t as the j-th draft position of the chain anchored at
+a = t-j+1. Its query sees step-1 keys of positions < a (true features) and the chain's own keys
+(position a+i-1 from step i ≤ j); inputs use g from step j-1 at t-1 (true features at step 1).
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from draft.base import EMPTY_PROPOSAL, Drafter, DraftInput, Proposal, TargetHandle
+from draft.dspark import DSparkConfig, _rotate
+from draft.heads import ConfidenceHead
+from engine.model import RMSNorm, RotaryEmbedding
+
+
+@dataclass(frozen=True, slots=True)
+class Eagle3Config(DSparkConfig):
+    kind: str = "eagle3"
+    num_layers: int = 1
+    target_layers: tuple[int, ...] = (1, 15, 29)  # low, mid, high
+    head: str = "none"
+
+
+class Eagle3Model(nn.Module):
+    def __init__(self, cfg: Eagle3Config, target: TargetHandle) -> None:
+        super().__init__()
+        assert cfg.num_layers == 1 and cfg.head == "none"
+        self.config = cfg
+        self.target = target
+        h = cfg.hidden_size
+        self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.fc = nn.Linear(len(cfg.target_layers) * h, h, bias=False)
+        self.emb_norm = RMSNorm(h, cfg.rms_norm_eps)
+        self.hidden_norm = RMSNorm(h, cfg.rms_norm_eps)
+        self.q_proj = nn.Linear(2 * h, self.nh * self.hd, bias=False)
+        self.kv_proj = nn.Linear(2 * h, 2 * self.nkv * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.nh * self.hd, h, bias=False)
+        self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps)
+        self.gate_up_proj = nn.Linear(h, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, h, bias=False)
+        self.norm = RMSNorm(h, cfg.rms_norm_eps)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_positions, cfg.rope_theta)
+        self.confidence = ConfidenceHead(h) if cfg.confidence else None
+        with torch.no_grad():
+            for m in (self.fc, self.q_proj, self.kv_proj, self.o_proj, self.gate_up_proj, self.down_proj):
+                nn.init.normal_(m.weight, std=0.02)
+            norm_w = getattr(target.final_norm, "weight", None)
+            if norm_w is not None and norm_w.device.type != "meta":
+                self.norm.weight.copy_(0.25 * norm_w.float())
+
+    max_draft_tokens = 10**6
+
+    def make_drafter(self, num_draft_tokens: int, seed: int = 0) -> "Eagle3Drafter":
+        return Eagle3Drafter(self, num_draft_tokens, seed)
+
+    # ---- pieces -------------------------------------------------------------------------
+
+    def layer_input(self, token_ids: torch.Tensor, g_prev: torch.Tensor) -> torch.Tensor:
+        emb = self.target.embed_tokens(token_ids).to(self.fc.weight.dtype)
+        return torch.cat([self.emb_norm(emb), self.hidden_norm(g_prev.to(self.fc.weight.dtype))], dim=-1)
+
+    def qkv(self, x: torch.Tensor, positions: torch.Tensor):
+        """x [..., T, 2h] -> rotated q [..., T, H, D], k, v [..., T, Hkv, D]."""
+        q = _rotate(self.q_proj(x).view(*x.shape[:-1], self.nh, self.hd), positions, self.rotary)
+        k, v = self.kv_proj(x).view(*x.shape[:-1], 2, self.nkv, self.hd).unbind(-3)
+        return q, _rotate(k, positions, self.rotary), v
+
+    def finish(self, g_prev: torch.Tensor, q, k, v, mask) -> torch.Tensor:
+        """Attention (q [B, Q, H, D] over k/v [B, L, Hkv, D]) + residual + MLP -> h [B, Q, hidden]."""
+        dtype = q.dtype
+        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2).to(dtype), v.transpose(1, 2).to(dtype)
+        if qt.device.type == "cpu" and dtype != torch.float32:
+            qt, kt, vt = qt.float(), kt.float(), vt.float()
+        o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True)
+        x = g_prev.to(dtype) + self.o_proj(o.to(dtype).transpose(1, 2).reshape(*q.shape[:2], -1))
+        gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
+        return x + self.down_proj(F.silu(gate) * up)
+
+    def logits_and_confidence(self, h: torch.Tensor):
+        flat = self.norm(h).reshape(-1, h.shape[-1]).to(self.target.dtype)
+        logits = self.target.lm_head(flat).float().view(*h.shape[:-1], -1)
+        conf = self.confidence(h) if self.confidence is not None else None
+        return logits, conf
+
+    def sts_temperatures(self, block: int, device) -> torch.Tensor:
+        temps = list(self.config.confidence_temperatures or [])
+        temps = (temps + [temps[-1] if temps else 1.0] * block)[:block]
+        return torch.tensor(temps, device=device, dtype=torch.float32)
+
+    # ---- training: TTT over γ steps ------------------------------------------------------
+
+    def train_forward(self, token_ids, features, num_tokens, anchors, keep):
+        from draft.training.anchors import block_labels
+
+        gamma = self.config.block_size
+        bsz, seq = token_ids.shape
+        device = token_ids.device
+        _, label_pos, mask = block_labels(token_ids, num_tokens, anchors, keep, gamma)
+        pos = torch.arange(seq, device=device).expand(bsz, -1)
+        g = self.fc(features.to(self.fc.weight.dtype))  # [B, S, h]: g_t
+        g_prev = torch.cat([torch.zeros_like(g[:, :1]), g[:, :-1]], dim=1)  # g_{t-1}
+        t_idx = torch.arange(seq, device=device)
+        keys_k, keys_v, hs = [], [], []
+        for j in range(1, gamma + 1):
+            q, k, v = self.qkv(self.layer_input(token_ids, g_prev), pos)
+            keys_k.append(k)
+            keys_v.append(v)
+            anchor = t_idx - (j - 1)  # [S] the chain's anchor of query t
+            blocks = []
+            for i in range(1, j + 1):  # keys of step i at position t' are chain position i-1
+                t_key = t_idx[None, :]
+                if i == 1:
+                    vis = (t_key < anchor[:, None]) | (t_key == anchor[:, None])
+                else:
+                    vis = t_key == (anchor[:, None] + i - 1)
+                blocks.append(vis)
+            # padded queries (anchor < 0) see only key 0 of step 1, keeping softmax finite
+            vis = torch.cat(blocks, dim=1)
+            vis[:, 0] |= anchor < 0
+            h = self.finish(g_prev, q, torch.cat(keys_k, 1), torch.cat(keys_v, 1), vis[None, None])
+            hs.append(h)
+            g_prev = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], dim=1)
+        # chain of anchor a at step j sits at position a + j - 1
+        hsel = torch.stack([hs[j].gather(1, label_pos[:, :, j, None].expand(-1, -1, h.shape[-1]))
+                            for j in range(gamma)], dim=2)  # [B, N, γ, h]
+        logits, conf = self.logits_and_confidence(hsel)
+        return logits, conf, label_pos, mask
+
+
+class _Cache:
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None  # [L, Hkv, D]
+        self.v: torch.Tensor | None = None
+        self.g_last: torch.Tensor | None = None  # fused feature of position L-1
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[0]
+
+
+class Eagle3Drafter(Drafter):
+    """γ autoregressive single-token steps per proposal (batched over requests); sampling as in
+    DSparkDrafter: softmax(logits / T) with the request's temperature, argmax when greedy."""
+
+    def __init__(self, model: Eagle3Model, num_draft_tokens: int, seed: int = 0) -> None:
+        self.model = model.eval()
+        self.name = "eagle3"
+        self.num_draft_tokens = num_draft_tokens
+        self.target_layers = tuple(model.config.target_layers)
+        self.caches: dict[str, _Cache] = {}
+        self.generator = torch.Generator(device=model.target.device).manual_seed(seed)
+
+    def free(self, req_id: str) -> None:
+        self.caches.pop(req_id, None)
+
+    @torch.inference_mode()
+    def propose(self, inputs: list[DraftInput]) -> list[Proposal]:
+        m = self.model
+        for x in inputs:
+            f = x.context_features
+            if f is None or not f.shape[0]:
+                continue
+            n = f.shape[0]
+            start = x.num_computed_tokens - n
+            cache = self.caches.setdefault(x.req_id, _Cache())
+            assert start in (0, cache.length), "context features skipped positions"
+            if start == 0:
+                cache.k = cache.v = cache.g_last = None
+            g = m.fc(f.to(m.fc.weight.dtype))  # [n, h]
+            first = cache.g_last[None] if cache.g_last is not None else torch.zeros_like(g[:1])
+            g_prev = torch.cat([first, g[:-1]])
+            ids = torch.tensor(x.token_ids[start:start + n], device=g.device)
+            pos = torch.arange(start, start + n, device=g.device)
+            _, k, v = m.qkv(m.layer_input(ids, g_prev), pos)
+            cache.k = k if cache.k is None else torch.cat([cache.k, k])
+            cache.v = v if cache.v is None else torch.cat([cache.v, v])
+            cache.g_last = g[-1]
+        drafting = [i for i, x in enumerate(inputs) if x.wants_proposal and self.num_draft_tokens > 0]
+        out = [EMPTY_PROPOSAL] * len(inputs)
+        if drafting:
+            for i, p in zip(drafting, self._draft([inputs[i] for i in drafting])):
+                out[i] = p
+        return out
+
+    def _draft(self, inputs: list[DraftInput]) -> list[Proposal]:
+        m = self.model
+        gamma, num = self.num_draft_tokens, len(inputs)
+        caches = [self.caches[x.req_id] for x in inputs]
+        lengths = [c.length for c in caches]
+        for x, n in zip(inputs, lengths):
+            assert n == x.num_computed_tokens
+        device = m.fc.weight.device
+        l_max = max(lengths)
+        ks = m.fc.weight.new_zeros(num, l_max + gamma, m.nkv, m.hd)
+        vs = torch.zeros_like(ks)
+        for r, c in enumerate(caches):
+            ks[r, :c.length], vs[r, :c.length] = c.k, c.v
+        pos0 = torch.tensor(lengths, device=device)
+        key_pos = torch.arange(l_max + gamma, device=device)
+        g_prev = torch.stack([c.g_last for c in caches])  # [R, h]
+        prev = torch.tensor([x.token_ids[-1] for x in inputs], device=device)
+        temps = [x.temperature if x.temperature is not None else 1.0 for x in inputs]
+        greedy = torch.tensor([t == 0 for t in temps], device=device)
+        inv_t = torch.tensor([1.0 / t if t > 0 else 1.0 for t in temps], device=device)[:, None]
+        sts = m.sts_temperatures(gamma, device)
+        tokens, probs, conf = [], [], []
+        for j in range(gamma):
+            q, k, v = m.qkv(m.layer_input(prev, g_prev)[:, None], (pos0 + j)[:, None])
+            ks[:, l_max + j], vs[:, l_max + j] = k[:, 0], v[:, 0]
+            vis = (key_pos[None, :] < pos0[:, None]) | ((key_pos[None, :] >= l_max) & (key_pos[None, :] <= l_max + j))
+            h = m.finish(g_prev[:, None], q, ks, vs, vis[:, None, None])  # [R, 1, h]
+            logits, c = m.logits_and_confidence(h)
+            logits = logits[:, 0]
+            p = (logits * inv_t).softmax(-1)
+            sampled = torch.multinomial(p, 1, generator=self.generator)[:, 0]
+            tok = torch.where(greedy, logits.argmax(-1), sampled)
+            conf.append(torch.sigmoid(c[:, 0] / sts[j]) if c is not None else torch.ones(num, device=device))
+            tokens.append(tok)
+            probs.append(p)
+            prev, g_prev = tok, h[:, 0]
+        tokens_t = torch.stack(tokens, 1).tolist()
+        probs_t = torch.stack(probs, 1).float()
+        conf_t = torch.stack(conf, 1).float().tolist()
+        return [Proposal(tokens_t[r], None if temps[r] == 0 else probs_t[r], conf_t[r]) for r in range(num)]

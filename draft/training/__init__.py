@@ -1,0 +1,1 @@
+"""Drafter training: data generation, target cache, anchors, losses, trainer, calibration, eval."""

@@ -1,0 +1,146 @@
+"""Sequential Temperature Scaling (STS) of the confidence head, and calibration metrics.
+
+The scheduler ranks draft positions by the survival probability a_k = Π_{i<=k} c_i. STS fits
+one temperature per position, left to right: c_k = sigmoid(z_k / T_k) with T_k chosen by a 1-D
+grid search to minimise the ECE of a_k (earlier temperatures fixed). Each T_k > 0 is a monotone
+map of z_k, so the order of confidences at a position is preserved.
+
+Calibration targets: on held-out target-generated data the probability that draft token k is
+accepted given its prefix was is c*_k = 1 − ½‖p_d,k − p_t,k‖₁ (exact for rejection sampling), so
+the true survival is S_k = Π_{i<=k} c*_i. ECE_k = Σ_bins (n_b / N) |mean(a_k) − mean(S_k)| over
+15 equal-width bins of a_k. AUC_k: how well a_k ranks realised survival (Bernoulli draws of the
+acceptances with a fixed seed).
+"""
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+GRID = torch.logspace(-1.0, 1.0, 161)  # temperatures 0.1 .. 10
+
+
+def ece(pred: torch.Tensor, target: torch.Tensor, num_bins: int = 15) -> float:
+    """Expected calibration error of predictions [N] in [0, 1] against (soft) targets [N]."""
+    bins = (pred * num_bins).long().clamp(max=num_bins - 1)
+    total = torch.zeros(num_bins).index_add_(0, bins, torch.ones_like(pred))
+    gap = torch.zeros(num_bins).index_add_(0, bins, pred - target).abs()
+    return float(gap.sum() / total.sum().clamp(min=1))
+
+
+def auc(score: torch.Tensor, label: torch.Tensor) -> float:
+    """Area under the ROC curve (Mann-Whitney, ties averaged); nan without both classes."""
+    pos, n = int(label.sum()), label.numel()
+    if pos == 0 or pos == n:
+        return float("nan")
+    order = score.argsort()
+    ranks = torch.empty(n, dtype=torch.float64)
+    sorted_scores = score[order]
+    i = 0
+    while i < n:  # average ranks of ties
+        j = i
+        while j + 1 < n and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[label.bool()].sum() - pos * (pos + 1) / 2) / (pos * (n - pos)))
+
+
+def survival(conf: torch.Tensor) -> torch.Tensor:
+    return conf.cumprod(dim=-1)
+
+
+def fit_sts(logits: torch.Tensor, accept: torch.Tensor, mask: torch.Tensor | None = None
+            ) -> list[float]:
+    """Per-position temperatures, left to right. logits/accept [N, γ] (blocks fully
+    supervised; `mask` [N] selects usable rows)."""
+    if mask is not None:
+        logits, accept = logits[mask], accept[mask]
+    target = survival(accept)
+    temps: list[float] = []
+    prefix = torch.ones(logits.shape[0])
+    for k in range(logits.shape[1]):
+        best_t, best_e = 1.0, ece(prefix * torch.sigmoid(logits[:, k]), target[:, k])
+        for t in GRID.tolist():
+            e = ece(prefix * torch.sigmoid(logits[:, k] / t), target[:, k])
+            if e < best_e - 1e-9:
+                best_t, best_e = t, e
+        temps.append(best_t)
+        prefix = prefix * torch.sigmoid(logits[:, k] / best_t)
+    return temps
+
+
+def calibration_report(logits: torch.Tensor, accept: torch.Tensor, temps: list[float] | None,
+                       seed: int = 0) -> dict:
+    """Per-position ECE (of a_k vs S_k) and AUC (a_k vs realised survival)."""
+    t = torch.tensor(temps or [1.0] * logits.shape[1])
+    a = survival(torch.sigmoid(logits / t))
+    s = survival(accept)
+    gen = torch.Generator().manual_seed(seed)
+    realised = survival((torch.rand(accept.shape, generator=gen) < accept).float())
+    return {"ece": [ece(a[:, k], s[:, k]) for k in range(a.shape[1])],
+            "auc": [auc(a[:, k], realised[:, k]) for k in range(a.shape[1])],
+            "mean_survival_pred": a.mean(0).tolist(), "mean_survival_true": s.mean(0).tolist()}
+
+
+@torch.no_grad()
+def collect(model, target, seqs, max_blocks: int, seed: int, batch_seqs: int = 4,
+            anchors_per_seq: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Confidence logits and soft acceptance labels [N, γ] of fully supervised held-out blocks."""
+    from draft.training.losses import acceptance_labels, tv_distance
+    from draft.training.trainer import make_batch
+
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    logits_all, accept_all = [], []
+    count = 0
+    for start in range(0, len(seqs), batch_seqs):
+        batch = make_batch(seqs[start:start + batch_seqs], anchors_per_seq, gen, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cpu"):
+            d_logits, conf, label_pos, mask = model.train_forward(
+                batch["token_ids"], batch["features"], batch["num_tokens"], batch["anchors"], batch["keep"])
+        if conf is None:
+            raise ValueError("this drafter has no confidence head")
+        bsz = label_pos.shape[0]
+        flat = label_pos.reshape(bsz, -1)
+        final = batch["final"].gather(1, flat[..., None].expand(-1, -1, batch["final"].shape[-1]))
+        t_logits = target.lm_head(final.reshape(-1, final.shape[-1]).to(target.dtype)).float()
+        accept = acceptance_labels(tv_distance(d_logits, t_logits.view(*label_pos.shape, -1)))
+        full = mask.all(-1)
+        logits_all.append(conf[full].float())
+        accept_all.append(accept[full].float())
+        count += int(full.sum())
+        if count >= max_blocks:
+            break
+    return torch.cat(logits_all)[:max_blocks], torch.cat(accept_all)[:max_blocks]
+
+
+def calibrate_checkpoint(data_dir: str, ckpt_dir: str, model_name: str | None = None,
+                         max_blocks: int = 4000, seed: int = 0) -> dict:
+    """Fit STS on the held-out split; store the temperatures in the checkpoint's config."""
+    from draft.checkpoint import CONFIG_FILE, load_model, resolve
+    from draft.training.cache import load_sequences
+    from draft.training.trainer import load_target
+
+    path = resolve(ckpt_dir)
+    if path is None:
+        raise FileNotFoundError(f"no drafter checkpoint at {ckpt_dir}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    target, _ = load_target(model_name, device, torch.bfloat16)
+    model = load_model(path, target, dtype=torch.float32)
+    seqs = load_sequences(Path(data_dir) / "cache", "heldout", tuple(model.config.target_layers))
+    logits, accept = collect(model, target, seqs, max_blocks, seed)
+    logger.info("calibrating on %d held-out blocks", logits.shape[0])
+    before = calibration_report(logits, accept, None, seed)
+    temps = fit_sts(logits, accept)
+    after = calibration_report(logits, accept, temps, seed)
+    cfg = json.loads((path / CONFIG_FILE).read_text())
+    cfg["confidence_temperatures"] = temps
+    cfg["calibration"] = {"num_blocks": int(logits.shape[0]), "ece_before": before["ece"],
+                          "ece_after": after["ece"], "auc_before": before["auc"], "auc_after": after["auc"]}
+    (path / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
+    return {"checkpoint": str(path), "num_blocks": int(logits.shape[0]), "temperatures": temps,
+            "before": before, "after": after}

@@ -1,0 +1,202 @@
+"""`dspark draft train`: one trainer for every learned drafter.
+
+Random anchors over the target-generated sequences of the cache; loss 0.1 CE + 0.9 TV + 1.0
+confidence BCE with position-decay weights (draft/training/losses.py); AdamW with linear
+warm-up and cosine decay, gradient clipping, fp32 master weights with bf16 autocast; training
+state saved every `save_every` steps and resumed from `out_dir/train_state.pt`; the exported
+drafter (config.json + bf16 model.safetensors) is written at every save.
+"""
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from draft.base import TargetHandle
+from draft.checkpoint import build_model, save_drafter
+from draft.training.anchors import sample_anchors
+from draft.training.cache import Sequence, load_sequences
+from draft.training.losses import LossWeights, drafter_loss
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE, LOG_FILE = "train_state.pt", "train_log.jsonl"
+
+# Defaults per drafter for the default 135M target (see draft/README.md for the reasoning).
+DEFAULT_CONFIGS: dict[str, dict] = {
+    "dspark": {"kind": "dspark", "num_layers": 2, "head": "markov", "head_rank": 32},
+    "dspark-rnn": {"kind": "dspark", "num_layers": 2, "head": "rnn", "head_rank": 32},
+    "dflash": {"kind": "dflash", "num_layers": 2, "head": "none"},
+    "eagle3": {"kind": "eagle3"},
+    "mtp": {"kind": "mtp"},
+}
+
+
+@dataclass(frozen=True, slots=True)
+class TrainConfig:
+    data_dir: str
+    out_dir: str
+    draft: str = "dspark"
+    model: str | None = None
+    overrides: dict = field(default_factory=dict)
+    steps: int = 1000
+    batch_blocks: int = 64
+    anchors_per_seq: int = 16
+    lr: float = 1e-3
+    warmup: int = 50
+    weight_decay: float = 0.01
+    clip: float = 1.0
+    dtype: str = "bfloat16"
+    device: str | None = None
+    save_every: int = 100
+    log_every: int = 10
+    max_minutes: float | None = None
+    stop_step: int | None = None  # stop (and save) here without changing the LR schedule
+    seed: int = 0
+    loss: LossWeights = field(default_factory=LossWeights)
+
+
+def load_target(model: str | None, device: str, dtype: torch.dtype) -> tuple[TargetHandle, str]:
+    """The frozen target (through our engine's loader); returns its shared parts and name."""
+    from engine import LLM
+
+    llm = LLM(model=model, device=device, dtype="bfloat16" if dtype == torch.bfloat16 else "float32",
+              num_blocks=1)
+    eng = llm.engine
+    for p in eng.model.parameters():
+        p.requires_grad_(False)
+    return eng._target_handle(), eng.model_name
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def make_batch(seqs: list[Sequence], anchors_per_seq: int, gen: torch.Generator, device) -> dict:
+    lengths = [len(s.token_ids) for s in seqs]
+    s_max = max(lengths)
+    feat_dim = seqs[0].features.shape[1]
+    token_ids = torch.zeros(len(seqs), s_max, dtype=torch.long)
+    features = torch.zeros(len(seqs), s_max, feat_dim, dtype=seqs[0].features.dtype)
+    final = torch.zeros(len(seqs), s_max, seqs[0].final.shape[1], dtype=seqs[0].final.dtype)
+    for b, s in enumerate(seqs):
+        n = lengths[b]
+        token_ids[b, :n], features[b, :n], final[b, :n] = s.token_ids, s.features, s.final
+    anchors, keep = sample_anchors([s.num_prompt_tokens for s in seqs], lengths, anchors_per_seq, gen)
+    to = {"device": device}
+    return {"token_ids": token_ids.to(**to), "features": features.to(**to), "final": final.to(**to),
+            "num_tokens": torch.tensor(lengths, **to), "anchors": anchors.to(**to), "keep": keep.to(**to)}
+
+
+def compute_loss(model, target: TargetHandle, batch: dict, weights: LossWeights, autocast: bool):
+    device = batch["token_ids"].device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        logits, conf, label_pos, mask = model.train_forward(
+            batch["token_ids"], batch["features"], batch["num_tokens"], batch["anchors"], batch["keep"])
+    bsz = label_pos.shape[0]
+    flat_pos = label_pos.reshape(bsz, -1)
+    with torch.no_grad():
+        final = batch["final"].gather(1, flat_pos[..., None].expand(-1, -1, batch["final"].shape[-1]))
+        target_logits = target.lm_head(final.reshape(-1, final.shape[-1]).to(target.dtype)).float()
+        target_logits = target_logits.view(*label_pos.shape, -1)
+        next_pos = (flat_pos + 1).clamp(max=batch["token_ids"].shape[1] - 1)
+        labels = batch["token_ids"].gather(1, next_pos).view_as(label_pos)
+    return drafter_loss(logits, target_logits, labels, mask, conf, weights)
+
+
+def train(cfg: TrainConfig) -> Path:
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target, target_name = load_target(cfg.model, str(device), torch.bfloat16)
+    model_cfg = dict(DEFAULT_CONFIGS.get(cfg.draft, {"kind": cfg.draft}))
+    model_cfg.update(cfg.overrides)
+    model_cfg.update(hidden_size=target.hidden_size, vocab_size=target.vocab_size, target_model=target_name)
+    n = target.num_layers
+    if "target_layers" not in model_cfg and model_cfg["kind"] in ("dspark", "dflash"):
+        model_cfg["target_layers"] = sorted({round(1 + i * (n - 2) / 4) for i in range(5)})
+    if "target_layers" not in model_cfg and model_cfg["kind"] == "mtp":
+        model_cfg["target_layers"] = [n - 1]
+    model = build_model(model_cfg, target).to(device).train()
+    layers = tuple(model.config.target_layers)
+    seqs = [s for s in load_sequences(Path(cfg.data_dir) / "cache", "train", layers)
+            if len(s.token_ids) - s.num_prompt_tokens >= 2]
+    if not seqs:
+        raise ValueError(f"no training sequences in {cfg.data_dir}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    step = 0
+    state_path = out / STATE_FILE
+    if state_path.exists():
+        state = torch.load(state_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        step = state["step"]
+        logger.info("resumed %s at step %d", out, step)
+    num_params = sum(p.numel() for p in params)
+    logger.info("training %s (%.2fM parameters, target layers %s) on %d sequences, %s",
+                model_cfg["kind"], num_params / 1e6, list(layers), len(seqs), device)
+    autocast = cfg.dtype in ("bfloat16", "bf16")
+    seqs_per_step = max(1, cfg.batch_blocks // cfg.anchors_per_seq)
+    t0 = time.perf_counter()
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {model_cfg['kind']}", unit="step")
+    log = open(out / LOG_FILE, "a")
+    running: dict[str, float] = {}
+
+    def save() -> None:
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "generator": gen.get_state(), "step": step}, state_path.with_suffix(".tmp"))
+        state_path.with_suffix(".tmp").replace(state_path)
+        save_drafter(model, out, {"train": {"steps": step, "data": str(cfg.data_dir),
+                                            "batch_blocks": cfg.batch_blocks, "lr": cfg.lr,
+                                            "num_sequences": len(seqs)}})
+
+    try:
+        while step < min(cfg.steps, cfg.stop_step or cfg.steps):
+            idx = torch.randint(len(seqs), (seqs_per_step,), generator=gen).tolist()
+            batch = make_batch([seqs[i] for i in idx], cfg.anchors_per_seq, gen, device)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg)
+            loss, metrics = compute_loss(model, target, batch, cfg.loss, autocast)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
+            opt.step()
+            step += 1
+            for k, v in metrics.items():
+                running[k] = running.get(k, 0.0) + v
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
+                avg = {k: v / n for k, v in running.items()}
+                running.clear()
+                bar.set_postfix(loss=f"{avg['loss']:.3f}", tv=f"{avg['tv']:.3f}", acc=f"{avg['accept']:.3f}")
+                log.write(json.dumps({"step": step, "lr": lr_at(step - 1, cfg),
+                                      "elapsed_s": round(time.perf_counter() - t0, 1), **avg}) + "\n")
+                log.flush()
+            if step % cfg.save_every == 0:
+                save()
+            if cfg.stop_step is not None and step >= cfg.stop_step:
+                break
+            if cfg.max_minutes is not None and time.perf_counter() - t0 > 60 * cfg.max_minutes:
+                logger.info("stopping at step %d after %.1f minutes", step, cfg.max_minutes)
+                break
+        save()
+    finally:
+        bar.close()
+        log.close()
+    return out

@@ -1,0 +1,24 @@
+"""Speculative sampling with a (random, hence badly matched) DSpark drafter is lossless in
+distribution: the first generated tokens match plain sampling (issue 4's statistical test)."""
+
+import pytest
+
+from engine import SamplingParams
+from tests.draft.helpers import tiny_dspark, tiny_llm
+from tests.engine.test_speculative_stats import (
+    NUM_SAMPLES,
+    first_tokens,
+    same_distribution_p,
+    tiny_vocab_dir,  # noqa: F401 (fixture)
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head", ["markov"])
+def test_dspark_speculation_matches_plain_sampling(tiny_vocab_dir, head):
+    params = SamplingParams(max_tokens=4, temperature=1.0, ignore_eos=True)
+    drafter = tiny_dspark(tiny_llm(tiny_vocab_dir), "dspark", head, seed=3, scale=2.0).make_drafter(3)
+    plain = first_tokens(tiny_vocab_dir, params, None, seed=1)
+    spec = first_tokens(tiny_vocab_dir, params, drafter, seed=3)
+    assert sum(plain.values()) == sum(spec.values()) == NUM_SAMPLES
+    assert same_distribution_p(plain, spec) > 0.001

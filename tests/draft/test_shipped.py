@@ -1,0 +1,30 @@
+"""The shipped drafters on the real default model: greedy speculation equals plain greedy
+(fp32, batched, mixed verify lengths)."""
+
+import pytest
+
+from engine import LLM, SamplingParams
+
+
+@pytest.mark.slow
+# ~4 min each on 2 CPU cores: only the shipped default here; the tiny-model tests in
+# test_dspark.py cover every drafter's code path (dspark, dflash, eagle3, mtp)
+@pytest.mark.parametrize("draft,gamma", [("dspark", 7)])
+def test_shipped_drafter_is_greedy_lossless(draft, gamma):
+    from tests.engine.test_default_model import CHATS, _plain_greedy
+    from tests.engine.test_engine import run_staggered
+
+    llm = LLM(dtype="float32", device="cpu", draft=draft, num_draft_tokens=gamma)
+    prompts = [llm.encode_chat([{"role": "user", "content": t}]) for t in CHATS * 2]
+    params = [SamplingParams(max_tokens=16 + 4 * (i % 3), temperature=0) for i in range(len(prompts))]
+    expected = _plain_greedy(prompts, params)
+    lengths: list[list[int]] = []
+    execute = llm.engine.runner.execute
+
+    def recording(sched_out):
+        lengths.append([s.num_draft_tokens for s in sched_out.scheduled if s.sample])
+        return execute(sched_out)
+
+    llm.engine.runner.execute = recording
+    assert run_staggered(llm, prompts, params, per_step=4) == expected
+    assert any(len(set(step)) > 1 for step in lengths), "no step mixed verify lengths"
