@@ -53,9 +53,10 @@ def tiny_vocab_dir(tmp_path_factory):
 
 
 def first_tokens(path, params: SamplingParams, drafter: Drafter | None, sampler_cls=Sampler,
-                 seed: int = 0) -> collections.Counter:
+                 seed: int = 0, **options) -> collections.Counter:
     llm = LLM(model=str(path), device="cpu", dtype="float32", drafter=drafter, seed=seed,
-              max_num_seqs=4096, max_num_batched_tokens=16384, num_blocks=8192, block_size=4)
+              max_num_seqs=4096, max_num_batched_tokens=16384, num_blocks=8192, block_size=4,
+              **options)
     eng = llm.engine
     eng.runner.sampler = sampler_cls(eng.device, seed)
     counts: collections.Counter = collections.Counter()
