@@ -20,7 +20,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from bench.common import RESULTS, save_result
-from bench.serve import LevelResult, parse_args as parse_serve_args, sweep
+from bench.serve import LevelResult, sweep
+from bench.serve import parse_args as parse_serve_args
 from server.process import ServerProcess
 
 DEFAULT_CONFIGS = [

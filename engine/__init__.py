@@ -4,8 +4,15 @@ from engine.config import CacheConfig, EngineConfig, ModelArchConfig
 from engine.llm import LLM, GenerationResult
 from engine.llm_engine import LLMEngine
 from engine.output_processor import RequestOutput
-from scheduler import (CapacityExceeded, DSparkError, EngineDead, InvalidRequest, ModelLoadError,
-                       SamplingParams, SchedulerConfig)
+from scheduler import (
+                       CapacityExceeded,
+                       DSparkError,
+                       EngineDead,
+                       InvalidRequest,
+                       ModelLoadError,
+                       SamplingParams,
+                       SchedulerConfig,
+)
 
 __all__ = [
     "LLM", "CacheConfig", "CapacityExceeded", "DSparkError", "EngineConfig", "EngineDead",

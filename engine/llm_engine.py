@@ -1,11 +1,11 @@
 """The step loop: schedule -> run one flat forward -> commit tokens -> detokenise."""
 
 import itertools
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -18,9 +18,19 @@ from engine.model_runner import ModelRunner
 from engine.output_processor import OutputProcessor, RequestOutput
 from engine.sampler import Sampler
 from engine.sps_profiler import load_or_profile, profile_key
-from scheduler import (BlockManager, CapacityExceeded, InvalidRequest, Request, RequestStatus,
-                       ModelRunnerOutput, RequestUpdate, SamplingParams, ScheduledRequest,
-                       Scheduler, SchedulerOutput)
+from scheduler import (
+    BlockManager,
+    CapacityExceeded,
+    InvalidRequest,
+    ModelRunnerOutput,
+    Request,
+    RequestStatus,
+    RequestUpdate,
+    SamplingParams,
+    ScheduledRequest,
+    Scheduler,
+    SchedulerOutput,
+)
 from scheduler.block_manager import cdiv
 
 logger = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from draft import DraftInput, Drafter
+from draft import Drafter, DraftInput
 from engine.attention import AttentionBackend
 from engine.flat_batch import FlatBatch
 from engine.kv_cache import PagedKVCache

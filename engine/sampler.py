@@ -20,7 +20,7 @@ def target_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Te
     temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params],
                          device=logits.device)
     logits = logits / temps[:, None]
-    top_k = [p.top_k if p.top_k > 0 else 0 for p in params]
+    top_k = [max(0, p.top_k) for p in params]
     top_p = [p.top_p for p in params]
     if any(top_k) or any(p < 1.0 for p in top_p):
         logits = _apply_top_k_top_p(logits, top_k, top_p)

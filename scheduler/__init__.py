@@ -1,7 +1,13 @@
 """The logical side: requests, KV block accounting, continuous-batching scheduling. No torch."""
 
 from scheduler.block_manager import BlockManager
-from scheduler.errors import CapacityExceeded, DSparkError, EngineDead, InvalidRequest, ModelLoadError
+from scheduler.errors import (
+    CapacityExceeded,
+    DSparkError,
+    EngineDead,
+    InvalidRequest,
+    ModelLoadError,
+)
 from scheduler.outputs import ModelRunnerOutput, RequestUpdate, ScheduledRequest, SchedulerOutput
 from scheduler.request import Request, RequestStatus
 from scheduler.sampling_params import SamplingParams

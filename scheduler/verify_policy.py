@@ -14,8 +14,13 @@ from collections import deque
 import numpy as np
 
 from scheduler.request import Request
-from scheduler.verify_planner import (StepsPerSecond, best_capacity, lengths_from_capacity,
-                                      plan_verify_lengths, survival)
+from scheduler.verify_planner import (
+    StepsPerSecond,
+    best_capacity,
+    lengths_from_capacity,
+    plan_verify_lengths,
+    survival,
+)
 
 
 class VerifyPolicy(ABC):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy.stats import chi2_contingency
 
-from draft import DraftInput, Drafter, Proposal
+from draft import Drafter, DraftInput, Proposal
 from engine import LLM, SamplingParams
 from engine.sampler import Sampler
 from tests.conftest import make_tiny_model

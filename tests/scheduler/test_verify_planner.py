@@ -7,8 +7,12 @@ import torch
 
 from engine.sampler import Sampler
 from scheduler import SamplingParams
-from scheduler.verify_planner import (best_capacity, lengths_from_capacity, plan_verify_lengths,
-                                      survival)
+from scheduler.verify_planner import (
+    best_capacity,
+    lengths_from_capacity,
+    plan_verify_lengths,
+    survival,
+)
 
 P_T = torch.tensor([0.7, 0.3])
 P_D = torch.tensor([0.5, 0.5])
