@@ -22,7 +22,7 @@ from torch import nn
 
 from draft.base import EMPTY_PROPOSAL, Drafter, DraftInput, Proposal, TargetHandle
 from draft.heads import ConfidenceHead, make_head
-from engine.model import RMSNorm, RotaryEmbedding
+from engine.model import RMSNorm, RotaryEmbedding, apply_rotary
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +83,7 @@ class DraftLayer(nn.Module):
            ) -> tuple[torch.Tensor, torch.Tensor]:
         """x [..., T, hidden] at positions [..., T] -> rotated K and V [..., T, Hkv, D]."""
         k, v = self.kv_proj(x).view(*x.shape[:-1], 2, self.nkv, self.hd).unbind(-3)
-        return _rotate(k, positions, rotary), v
+        return rotate(k, positions, rotary), v
 
     def context_kv(self, context: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding):
         """K/V injection: the projected, normed target features [..., T, hidden] (no layer norm)."""
@@ -93,7 +93,7 @@ class DraftLayer(nn.Module):
                 ctx_k: torch.Tensor, ctx_v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x [B, Q, hidden] at positions [B, Q]; ctx_k/v [B, L, Hkv, D]; mask [B, 1, Q, L + Q]."""
         y = self.input_layernorm(x)
-        q = _rotate(self.q_proj(y).view(*y.shape[:-1], self.nh, self.hd), positions, rotary)
+        q = rotate(self.q_proj(y).view(*y.shape[:-1], self.nh, self.hd), positions, rotary)
         k, v = self.kv(y, positions, rotary)
         k = torch.cat([ctx_k.to(k.dtype), k], dim=1).transpose(1, 2)  # [B, Hkv, L + Q, D]
         v = torch.cat([ctx_v.to(v.dtype), v], dim=1).transpose(1, 2)
@@ -107,13 +107,9 @@ class DraftLayer(nn.Module):
         return x + self.down_proj(F.silu(gate) * up)
 
 
-def _rotate(x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding) -> torch.Tensor:
-    """Neox rotary on x [..., T, heads, D] at positions [..., T] (the engine's tables)."""
-    cos = rotary.cos.index_select(0, positions.reshape(-1)).view(*positions.shape, 1, -1).to(x.dtype)
-    sin = rotary.sin.index_select(0, positions.reshape(-1)).view(*positions.shape, 1, -1).to(x.dtype)
-    half = x.shape[-1] // 2
-    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rot * sin
+def rotate(x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding) -> torch.Tensor:
+    """Neox rotary on x [..., T, heads, D] at positions [..., T], with the engine's tables."""
+    return apply_rotary(x, *rotary.cos_sin(positions, x.dtype))
 
 
 class DSparkModel(nn.Module):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from draft.base import EMPTY_PROPOSAL, Drafter, DraftInput, Proposal, TargetHandle
-from draft.dspark import DSparkConfig, _rotate
+from draft.dspark import DSparkConfig, rotate
 from draft.heads import ConfidenceHead
 from engine.model import RMSNorm, RotaryEmbedding
 
@@ -74,9 +74,9 @@ class Eagle3Model(nn.Module):
 
     def qkv(self, x: torch.Tensor, positions: torch.Tensor):
         """x [..., T, 2h] -> rotated q [..., T, H, D], k, v [..., T, Hkv, D]."""
-        q = _rotate(self.q_proj(x).view(*x.shape[:-1], self.nh, self.hd), positions, self.rotary)
+        q = rotate(self.q_proj(x).view(*x.shape[:-1], self.nh, self.hd), positions, self.rotary)
         k, v = self.kv_proj(x).view(*x.shape[:-1], 2, self.nkv, self.hd).unbind(-3)
-        return q, _rotate(k, positions, self.rotary), v
+        return q, rotate(k, positions, self.rotary), v
 
     def finish(self, g_prev: torch.Tensor, q, k, v, mask) -> torch.Tensor:
         """Attention (q [B, Q, H, D] over k/v [B, L, Hkv, D]) + residual + MLP -> h [B, Q, hidden]."""
