@@ -82,3 +82,20 @@ class Drafter(ABC):
 
     def free(self, req_id: str) -> None:
         """Forget a finished or preempted request."""
+
+
+class LearnedDrafter(Drafter):
+    """A drafter backed by a trained model that reads target features: per-request context
+    caches (dropped by `free`) and a seeded generator for draft sampling."""
+
+    def __init__(self, model: nn.Module, name: str, num_draft_tokens: int,
+                 target_layers: tuple[int, ...], device: torch.device, seed: int = 0) -> None:
+        self.model = model.eval()
+        self.name = name
+        self.num_draft_tokens = num_draft_tokens
+        self.target_layers = tuple(target_layers)
+        self.caches: dict[str, object] = {}
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def free(self, req_id: str) -> None:
+        self.caches.pop(req_id, None)

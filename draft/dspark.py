@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from draft.base import EMPTY_PROPOSAL, Drafter, DraftInput, Proposal, TargetHandle
+from draft.base import EMPTY_PROPOSAL, DraftInput, LearnedDrafter, Proposal, TargetHandle
 from draft.heads import ConfidenceHead, make_head
 from engine.model import RMSNorm, RotaryEmbedding, apply_rotary
 
@@ -269,7 +269,7 @@ class _ContextCache:
         self.length = end
 
 
-class DSparkDrafter(Drafter):
+class DSparkDrafter(LearnedDrafter):
     """The engine-facing drafter: one backbone pass per step for all proposing requests, then
     the sequential head samples left to right.
 
@@ -280,16 +280,9 @@ class DSparkDrafter(Drafter):
     """
 
     def __init__(self, model: DSparkModel, num_draft_tokens: int, seed: int = 0) -> None:
-        self.model = model.eval()
-        self.name = model.config.kind
         # a drafter trained for fewer positions (MTP: 1) proposes no more than it learned
-        self.num_draft_tokens = min(num_draft_tokens, model.max_draft_tokens)
-        self.target_layers = tuple(model.config.target_layers)
-        self.caches: dict[str, _ContextCache] = {}
-        self.generator = torch.Generator(device=model.target.device).manual_seed(seed)
-
-    def free(self, req_id: str) -> None:
-        self.caches.pop(req_id, None)
+        super().__init__(model, model.config.kind, min(num_draft_tokens, model.max_draft_tokens),
+                         model.config.target_layers, model.target.device, seed)
 
     @torch.inference_mode()
     def propose(self, inputs: list[DraftInput]) -> list[Proposal]:

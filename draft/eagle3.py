@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from draft.base import EMPTY_PROPOSAL, Drafter, DraftInput, Proposal, TargetHandle
+from draft.base import EMPTY_PROPOSAL, DraftInput, LearnedDrafter, Proposal, TargetHandle
 from draft.dspark import DSparkConfig, rotate
 from draft.heads import ConfidenceHead
 from engine.model import RMSNorm, RotaryEmbedding
@@ -151,20 +151,13 @@ class _Cache:
         return 0 if self.k is None else self.k.shape[0]
 
 
-class Eagle3Drafter(Drafter):
+class Eagle3Drafter(LearnedDrafter):
     """γ autoregressive single-token steps per proposal (batched over requests); sampling as in
     DSparkDrafter: softmax(logits / T) with the request's temperature, argmax when greedy."""
 
     def __init__(self, model: Eagle3Model, num_draft_tokens: int, seed: int = 0) -> None:
-        self.model = model.eval()
-        self.name = "eagle3"
-        self.num_draft_tokens = num_draft_tokens
-        self.target_layers = tuple(model.config.target_layers)
-        self.caches: dict[str, _Cache] = {}
-        self.generator = torch.Generator(device=model.target.device).manual_seed(seed)
-
-    def free(self, req_id: str) -> None:
-        self.caches.pop(req_id, None)
+        super().__init__(model, "eagle3", num_draft_tokens, model.config.target_layers,
+                         model.target.device, seed)
 
     @torch.inference_mode()
     def propose(self, inputs: list[DraftInput]) -> list[Proposal]:
