@@ -64,7 +64,7 @@ def load_hf(dtype: torch.dtype):
     return model.eval()
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="dspark bench engine", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
@@ -123,14 +123,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     path = save_result("engine", result, args.out)
     print(f"saved {path}")
     for row in rows:
-        parts = [f"c={row['concurrency']:>3}", f"HF fp32 per-user {row['hf_float32']['per_user_tok_s']:.1f} "
-                 f"agg {row['hf_float32']['aggregate_tok_s']:.1f}"]
+        parts = [f"c={row['concurrency']:>3}", (f"HF fp32 per-user {row['hf_float32']['per_user_tok_s']:.1f} "
+                 f"agg {row['hf_float32']['aggregate_tok_s']:.1f}")]
         for dt in llms:
             o, r = row[f"ours_{dt}"], row[f"ratio_{dt}_vs_hf"]
             parts.append(f"ours {dt} per-user {o['per_user_tok_s']:.1f} ({r['per_user']:.2f}x) "
                          f"agg {o['aggregate_tok_s']:.1f} ({r['aggregate']:.2f}x)")
         print(" | ".join(parts))
-    return result
+    return 0
 
 
 if __name__ == "__main__":

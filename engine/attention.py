@@ -18,9 +18,12 @@ from engine.flat_batch import FlatBatch
 
 logger = logging.getLogger(__name__)
 
-# Requests with at most this many query tokens (decodes, verifies) share one padded SDPA call;
+# Requests with at most this many query tokens (decodes, verifies) share padded SDPA calls;
 # longer prefill chunks each get their own, so a prefill never pads a whole batch.
 _SHORT_QUERY = 32
+# Short-query requests are grouped by length: a request joins the current group unless the
+# padding it adds (rows x extra keys) exceeds what one more SDPA call costs, in key rows.
+_GROUP_COST_KEYS = 1024
 
 
 class AttentionBackend(ABC):
@@ -57,11 +60,9 @@ class TorchAttention(AttentionBackend):
     name = "torch"
 
     def prepare(self, batch: FlatBatch) -> _TorchMeta:
-        short = [r for r, q in enumerate(batch.query_lens) if q <= _SHORT_QUERY]
         long_ = [r for r, q in enumerate(batch.query_lens) if q > _SHORT_QUERY]
         groups = [self._group(batch, [r]) for r in long_]
-        if short:
-            groups.append(self._group(batch, short))
+        groups += [self._group(batch, reqs) for reqs in _length_groups(batch)]
         return _TorchMeta(slot_mapping=batch.slot_mapping, groups=groups)
 
     @staticmethod
@@ -125,6 +126,21 @@ class TorchAttention(AttentionBackend):
             o = o.transpose(1, 2).reshape(-1, num_heads, head_dim)
             out.index_copy_(0, g.token_index, o.index_select(0, g.valid))
         return out
+
+
+def _length_groups(batch: FlatBatch) -> list[list[int]]:
+    """Short-query requests in groups of similar total length (keys gathered and attended to
+    are padded to the longest in a group; one group for all would pad most to the longest)."""
+    seq_len = {r: batch.context_lens[r] + q for r, q in enumerate(batch.query_lens) if q <= _SHORT_QUERY}
+    groups: list[list[int]] = []
+    longest = 0
+    for r in sorted(seq_len, key=seq_len.__getitem__):
+        if groups and len(groups[-1]) * (seq_len[r] - longest) <= _GROUP_COST_KEYS:
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+        longest = seq_len[r]
+    return groups
 
 
 def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -75,8 +75,8 @@ def build_model(ckpt: LoadedCheckpoint, device: torch.device, dtype: torch.dtype
         raise ModelLoadError(f"cannot load the weights of {ckpt.name}: {e}") from e
     model = model.to(device=device, dtype=dtype).eval()
     model.rotary.reset_tables()
-    if device.type == "cpu" and dtype == torch.float32:
-        model.use_transposed_weights()
+    if device.type == "cpu" and torch.backends.mkldnn.is_available():
+        model.pack_weights()
     return model
 
 
@@ -121,7 +121,7 @@ def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
 
     for f in files:
         with safe_open(str(f), framework="pt") as st:
-            for name in st.keys():
+            for name in st.keys():  # noqa: SIM118 (safe_open is not iterable)
                 yield name, st.get_tensor(name)
 
 
