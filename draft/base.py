@@ -33,7 +33,10 @@ class DraftInput:
     layers at positions num_computed_tokens - m .. num_computed_tokens - 1, i.e. the tokens
     this step committed to the KV (None for drafters without `target_layers`). Features of
     later positions that a drafter holds from earlier steps are stale (rejected) and dropped.
-    `wants_proposal`: False for a prefill chunk that sampled nothing (only context grows).
+    `wants_proposal`: False for a prefill chunk that sampled nothing, or when the verify plan
+    has no room for drafts this step (only context grows).
+    `max_draft_tokens`: propose at most this many (None: the drafter's γ); the plan cannot
+    verify more, so positions past it are not worth their LM-head rows.
     `temperature`: the request's sampling temperature (None: unknown; 0: greedy), so a
     drafter can match the target's sharpness or take the argmax.
     """
@@ -44,6 +47,7 @@ class DraftInput:
     context_features: torch.Tensor | None = None
     wants_proposal: bool = True
     temperature: float | None = None
+    max_draft_tokens: int | None = None
 
 
 @dataclass(slots=True)
@@ -82,6 +86,13 @@ class Drafter(ABC):
 
     def free(self, req_id: str) -> None:
         """Forget a finished or preempted request."""
+
+    def num_positions(self, inputs: list[DraftInput]) -> int:
+        """Draft positions a batched proposal needs: γ, or less when every input asks less."""
+        asked = [x.max_draft_tokens for x in inputs]
+        if any(n is None for n in asked):
+            return self.num_draft_tokens
+        return min(self.num_draft_tokens, max(asked, default=0))
 
 
 class LearnedDrafter(Drafter):

@@ -340,16 +340,19 @@ class DSparkDrafter(LearnedDrafter):
         x = m.block_inputs(anchors, gamma, prev_feats)
         for i, layer in enumerate(m.layers):
             x = layer(x, q_pos, m.rotary, ctx_kv[i, 0], ctx_kv[i, 1], mask)
-        h = m.norm(x)  # [R, γ, hidden]
-        base = m.base_logits(h)  # [R, γ, V]
+        # the backbone sees the whole block it was trained on; only the first n positions
+        # (what the verify plan can use) pay for LM-head rows and the sequential head
+        n = self.num_positions(inputs)
+        h = m.norm(x[:, :n])  # [R, n, hidden]
+        base = m.base_logits(h)  # [R, n, V]
         temps = [x.temperature if x.temperature is not None else 1.0 for x in inputs]
         greedy = torch.tensor([t == 0 for t in temps], device=device)
         inv_t = torch.tensor([1.0 / t if t > 0 else 1.0 for t in temps], device=device)[:, None]
-        sts = m.sts_temperatures(gamma, device)
+        sts = m.sts_temperatures(n, device)
         state = m.head.init_state(num, h) if m.head is not None else None
         prev = anchors
         tokens, probs, conf = [], [], []
-        for k in range(gamma):
+        for k in range(n):
             logits = base[:, k]
             if m.head is not None:
                 bias, state = m.head.step(state, prev, h[:, k])

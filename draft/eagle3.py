@@ -210,7 +210,7 @@ class Eagle3Drafter(LearnedDrafter):
         inv_t = torch.tensor([1.0 / t if t > 0 else 1.0 for t in temps], device=device)[:, None]
         sts = m.sts_temperatures(gamma, device)
         tokens, probs, conf = [], [], []
-        for j in range(gamma):
+        for j in range(self.num_positions(inputs)):
             q, k, v = m.qkv(m.layer_input(prev, g_prev)[:, None], (pos0 + j)[:, None])
             ks[:, l_max + j], vs[:, l_max + j] = k[:, 0], v[:, 0]
             vis = (key_pos[None, :] < pos0[:, None]) | ((key_pos[None, :] >= l_max) & (key_pos[None, :] <= l_max + j))

@@ -15,10 +15,10 @@ class NgramDrafter(Drafter):
         self.min_n, self.max_n = min_n, max_n
 
     def propose(self, inputs: list[DraftInput]) -> list[Proposal]:
-        return [self._propose_one(np.asarray(x.token_ids, dtype=np.int64)) if x.wants_proposal
-                else EMPTY_PROPOSAL for x in inputs]
+        return [self._propose_one(np.asarray(x.token_ids, dtype=np.int64), self.num_positions([x]))
+                if x.wants_proposal else EMPTY_PROPOSAL for x in inputs]
 
-    def _propose_one(self, tokens: np.ndarray) -> Proposal:
+    def _propose_one(self, tokens: np.ndarray, limit: int) -> Proposal:
         total = len(tokens)
         for n in range(min(self.max_n, total - 1), self.min_n - 1, -1):
             suffix = tokens[total - n:]
@@ -27,7 +27,7 @@ class NgramDrafter(Drafter):
             hits = np.flatnonzero((windows == suffix).all(axis=1))
             if hits.size:
                 start = int(hits[-1]) + n  # the most recent match tends to continue best
-                follow = tokens[start:start + self.num_draft_tokens]
+                follow = tokens[start:start + limit]
                 if follow.size:
                     return Proposal(follow.tolist())
         return EMPTY_PROPOSAL

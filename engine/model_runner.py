@@ -71,13 +71,15 @@ class ModelRunner:
         """
         inputs, rows = [], []
         starts = batch.cu_seqlens_q.tolist()
+        positions = sched_out.num_draft_positions
         for r, (s, new) in enumerate(zip(sched_out.scheduled, out.sampled_token_ids)):
             assert s.history is not None
             num_accepted = len(new) - 1 if new else 0
             num_committed = s.num_tokens - s.num_draft_tokens + num_accepted  # now in the KV
             ctx = None if features is None else features[starts[r]:starts[r] + num_committed]
             inputs.append(DraftInput(s.req_id, s.history + new, s.start_pos + num_committed, ctx,
-                                     wants_proposal=bool(new), temperature=s.params.temperature))
+                                     wants_proposal=bool(new) and positions != 0,
+                                     temperature=s.params.temperature, max_draft_tokens=positions))
             rows.append(r)
         out.draft_token_ids = [[] for _ in out.req_ids]
         out.draft_confidences = [None for _ in out.req_ids]

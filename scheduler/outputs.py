@@ -40,6 +40,9 @@ class SchedulerOutput:
     # confidences expect to be accepted (Σ survival of the admitted positions).
     num_verify_tokens: int = 0
     expected_accepted: float = 0.0
+    # Draft positions worth proposing after this step (None: the drafter's γ; 0: none, the
+    # drafter only extends its context): the verify policy's room for drafts next step.
+    num_draft_positions: int | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -138,7 +138,8 @@ class Scheduler:
         expected_accepted = sum(float(expected[s.req_id][:s.num_draft_tokens].sum())
                                 for s in scheduled if s.num_draft_tokens)
         return SchedulerOutput(scheduled=scheduled, finished_req_ids=finished, num_preempted=preempted,
-                               num_verify_tokens=num_verify, expected_accepted=expected_accepted)
+                               num_verify_tokens=num_verify, expected_accepted=expected_accepted,
+                               num_draft_positions=self.verify_policy.draft_positions())
 
     def update_from_output(self, sched_out: SchedulerOutput,
                            runner_out: ModelRunnerOutput) -> list[RequestUpdate]:

@@ -35,6 +35,10 @@ class VerifyPolicy(ABC):
         """ℓ_r for each decoding request, each in 0..len(r.draft_token_ids). `base_tokens`
         counts the step's tokens before any draft is added."""
 
+    def draft_positions(self) -> int | None:
+        """How many draft positions are worth proposing for the next step (None: all γ)."""
+        return None
+
     def observe(self, num_verified: int, num_accepted: int) -> None:
         if num_verified:
             self.acceptance_prior = 0.9 * self.acceptance_prior + 0.1 * num_accepted / num_verified
@@ -102,11 +106,29 @@ class ScheduledVerify(VerifyPolicy):
 
     name = "scheduled"
     lag = 2
+    # While the capacity is zero, one step in this many still drafts (a probe).
+    probe_every = 8
 
     def __init__(self, sps: StepsPerSecond) -> None:
         super().__init__()
         self.sps = sps
         self._capacities: deque[int] = deque(maxlen=self.lag)
+        self._idle_steps = 0
+
+    def draft_positions(self) -> int | None:
+        """Draft what the latest global search says the plan can verify, plus one position
+        so the capacity can grow. At a zero capacity speculation cannot pay at this load or
+        confidence, so the drafter rests (saving its whole pass) except for a full probe every
+        `probe_every` steps, whose confidences let the capacity recover. Which drafts exist
+        never changes how they are verified, so this is lossless."""
+        recent = self.last_capacity
+        if recent is None:
+            return None
+        if recent > 0:
+            self._idle_steps = 0
+            return recent + 1
+        self._idle_steps += 1
+        return None if self._idle_steps % self.probe_every == 0 else 0
 
     def verify_lengths(self, requests: list[Request], base_tokens: int) -> list[int]:
         a = survival(self.confidences(requests))

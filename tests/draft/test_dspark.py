@@ -165,3 +165,17 @@ def test_eagle3_inference_matches_ttt_training_forward(llm):
         else:
             torch.testing.assert_close(p.draft_probs, (logits[0, 0] / 0.8).softmax(-1), rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(torch.tensor(p.confidences), conf[0, 0].sigmoid(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("kind", "head"), [("dspark", "markov"), ("dspark", "rnn"), ("eagle3", "none")])
+def test_fewer_draft_positions_are_a_prefix_of_the_full_draft(llm, kind, head):
+    """`max_draft_tokens` (the verify plan's room) cuts the proposal without changing it: the
+    DSpark backbone still sees its whole block, so greedy drafts and confidences are a prefix."""
+    model = tiny_dspark(llm, kind, head, block_size=4)
+    seq = [(11 * i + 5) % 250 + 3 for i in range(15)]
+    feats = _context_of(llm, seq, model.config.target_layers)
+    full, short = (model.make_drafter(4).propose([DraftInput("r", seq, len(seq) - 1, feats[:-1], temperature=0.0,
+                                                             max_draft_tokens=limit)])[0]
+                   for limit in (None, 2))
+    assert len(full) == 4 and short.draft_token_ids == full.draft_token_ids[:2]
+    assert short.confidences == pytest.approx(full.confidences[:2], rel=1e-5)

@@ -7,12 +7,14 @@ import torch
 
 from engine.sampler import Sampler
 from scheduler import SamplingParams
+from scheduler.request import Request
 from scheduler.verify_planner import (
     best_capacity,
     lengths_from_capacity,
     plan_verify_lengths,
     survival,
 )
+from scheduler.verify_policy import ScheduledVerify
 
 P_T = torch.tensor([0.7, 0.3])
 P_D = torch.tensor([0.5, 0.5])
@@ -95,3 +97,31 @@ def test_verify_length_falls_monotonically_with_load(mode):
     assert averages[0] == 7.0  # alone, the whole draft fits under the knee
     assert all(x >= y for x, y in zip(averages, averages[1:])), averages
     assert averages[-1] < 0.5  # past the knee speculation backs off
+
+
+def _decoding_request(conf: list[float]) -> Request:
+    req = Request("r", [1, 2, 3], SamplingParams(max_tokens=64))
+    req.append_token(4)
+    req.num_computed_tokens = 3
+    req.draft_token_ids, req.draft_confidences = [7] * len(conf), conf
+    return req
+
+
+def test_scheduled_policy_drafts_what_it_can_verify_and_probes_at_zero_capacity():
+    """The scheduled policy asks for K+1 draft positions (K: its latest capacity), rests the
+    drafter while K is zero except for a full probe every `probe_every` steps, and recovers."""
+    policy = ScheduledVerify(knee_sps)
+    assert policy.draft_positions() is None  # nothing planned yet: full drafts
+    confident = [_decoding_request([0.9] * 7)]
+    policy.verify_lengths(confident, base_tokens=1)
+    assert policy.last_capacity == 7 and policy.draft_positions() == 8
+    # unlikely drafts on a compute-bound step: no draft pays, the drafter rests
+    policy.sps = lambda batch: 1.0 / batch
+    policy.verify_lengths([_decoding_request([0.05] * 7)], base_tokens=1)
+    assert policy.last_capacity == 0
+    asked = [policy.draft_positions() for _ in range(2 * policy.probe_every)]
+    assert asked.count(None) == 2 and set(asked) == {0, None}
+    assert asked[policy.probe_every - 1] is None  # the probe
+    policy.sps = knee_sps  # the probe's draft meets a cheaper step again
+    policy.verify_lengths(confident, base_tokens=1)
+    assert policy.draft_positions() == 8
