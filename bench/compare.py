@@ -25,7 +25,7 @@ from bench.serve import parse_args as parse_serve_args
 from server.process import ServerProcess
 
 DEFAULT_CONFIGS = [
-    "plain=",
+    "plain=--draft none",
     "mtp-1=--draft mtp --num-draft-tokens 1 --verify-policy fixed",
     "dspark-fixed=--draft dspark --num-draft-tokens 7 --verify-policy fixed",
     "dspark-scheduled=--draft dspark --num-draft-tokens 7 --verify-policy scheduled",

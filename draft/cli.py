@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--draft", required=True, help="checkpoint directory (updated in place)")
     c.add_argument("--model", default=None)
     c.add_argument("--max-blocks", type=int, default=4000)
+    c.add_argument("--anchors-per-seq", type=int, default=128,
+                   help="anchor blocks drawn from each held-out response (at most one per position)")
     c.add_argument("--out", default=None, help="JSON report")
     c.add_argument("--seed", type=int, default=0)
 
@@ -105,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "calibrate":
         from draft.training.calibrate import calibrate_checkpoint
 
-        report = calibrate_checkpoint(args.data, args.draft, args.model, args.max_blocks, args.seed)
+        report = calibrate_checkpoint(args.data, args.draft, args.model, args.max_blocks, args.seed,
+                                      args.anchors_per_seq)
         text = json.dumps(report, indent=2)
         if args.out:
             Path(args.out).write_text(text)

@@ -155,7 +155,7 @@ class Scheduler:
             num_accepted = len(sampled) - 1 if sched.num_draft_tokens else 0
             req.num_computed_tokens += sched.num_tokens - (sched.num_draft_tokens - num_accepted)
             if sched.num_draft_tokens:
-                self.verify_policy.observe(sched.num_draft_tokens, num_accepted)
+                self.verify_policy.observe(sched.num_draft_tokens, num_accepted, req.draft_confidences)
                 req.num_spec_rounds += 1
                 req.num_draft_tokens_verified += sched.num_draft_tokens
                 req.num_accepted_tokens += num_accepted

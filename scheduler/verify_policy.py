@@ -6,6 +6,12 @@ drafter's per-position confidences against the engine's measured throughput curv
 capacity K comes from confidences two steps old (so it cannot depend on the current draft)
 and is filled top-K by current survival; `threshold` admits positions whose survival clears
 a static bar. Drafters without confidences get a running estimate of the acceptance rate.
+
+Confidences are calibrated offline (STS) on sampled continuations of the training prompts; the
+traffic actually served (greedy requests, other domains) can accept more or less. Every policy
+therefore rescales them by the running ratio of realised to expected accepted tokens. One
+factor for all requests keeps their order, and it depends only on steps already verified, so
+the plans stay as lossless as before.
 """
 
 from abc import ABC, abstractmethod
@@ -26,9 +32,13 @@ from scheduler.verify_planner import (
 class VerifyPolicy(ABC):
     name: str
 
+    # memory of the realised / expected acceptance ratio, in verified requests
+    recalibration_decay = 0.99
+
     def __init__(self) -> None:
         # running acceptance rate, the confidence of drafters that give none
         self.acceptance_prior = 0.5
+        self._realised = self._expected = 0.0  # decayed sums of accepted tokens
 
     @abstractmethod
     def verify_lengths(self, requests: list[Request], base_tokens: int) -> list[int]:
@@ -39,18 +49,35 @@ class VerifyPolicy(ABC):
         """How many draft positions are worth proposing for the next step (None: all γ)."""
         return None
 
-    def observe(self, num_verified: int, num_accepted: int) -> None:
-        if num_verified:
-            self.acceptance_prior = 0.9 * self.acceptance_prior + 0.1 * num_accepted / num_verified
+    def observe(self, num_verified: int, num_accepted: int, confidences: list[float] | None) -> None:
+        """One request's verification: `confidences` are the drafter's (raw) ones of the draft."""
+        if not num_verified:
+            return
+        self.acceptance_prior = 0.9 * self.acceptance_prior + 0.1 * num_accepted / num_verified
+        if confidences is not None:
+            d = self.recalibration_decay
+            self._realised = d * self._realised + num_accepted
+            self._expected = d * self._expected + float(np.cumprod(confidences[:num_verified]).sum())
+
+    @property
+    def confidence_scale(self) -> float:
+        """Realised / expected accepted tokens (1 until a few tokens were expected)."""
+        if self._expected < 2.0:
+            return 1.0
+        return float(np.clip(self._realised / self._expected, 0.01, 4.0))
 
     def confidences(self, requests: list[Request]) -> np.ndarray:
-        """[R, γ] conditional confidences, zero-padded past each request's proposal."""
+        """[R, γ] conditional confidences, zero-padded past each request's proposal; drafter
+        confidences rescaled online (module docstring)."""
         width = max(len(r.draft_token_ids) for r in requests)
         conf = np.zeros((len(requests), width))
+        scale = self.confidence_scale
         for i, r in enumerate(requests):
             n = len(r.draft_token_ids)
-            c = r.draft_confidences if r.draft_confidences is not None else [self.acceptance_prior] * n
-            conf[i, :n] = c[:n]
+            if r.draft_confidences is None:
+                conf[i, :n] = self.acceptance_prior
+            else:
+                conf[i, :n] = np.minimum(np.asarray(r.draft_confidences[:n]) * scale, 1.0)
         return conf
 
 

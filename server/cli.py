@@ -68,10 +68,26 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig.from_options(args.model, args.device, args.dtype, **_engine_options(args))
 
 
+# `dspark serve` on the embedded default model speculates with its shipped DSpark drafter
+# (trained for that model only) at the γ it was trained and evaluated with.
+DEFAULT_SERVE_DRAFT, DEFAULT_SERVE_NUM_DRAFT_TOKENS = "dspark", 7
+
+
+def apply_serve_draft_default(args: argparse.Namespace) -> None:
+    """No --draft on the default model: the shipped DSpark drafter; `--draft none`: plain."""
+    if args.draft is None and args.model is None:
+        args.draft = DEFAULT_SERVE_DRAFT
+        if args.num_draft_tokens is None:
+            args.num_draft_tokens = DEFAULT_SERVE_NUM_DRAFT_TOKENS
+    elif args.draft == "none":
+        args.draft = None
+
+
 def _serve(args: argparse.Namespace) -> int:
     from server.config import ServerConfig
     from server.launch import serve
 
+    apply_serve_draft_default(args)
     config = ServerConfig(engine=engine_config(args), host=args.host, port=args.port,
                           api_key=args.api_key, served_model_name=args.served_model_name,
                           max_request_bytes=args.max_request_bytes,

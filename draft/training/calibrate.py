@@ -9,7 +9,8 @@ Calibration targets: on held-out target-generated data the probability that draf
 accepted given its prefix was is c*_k = 1 − ½‖p_d,k − p_t,k‖₁ (exact for rejection sampling), so
 the true survival is S_k = Π_{i<=k} c*_i. ECE_k = Σ_bins (n_b / N) |mean(a_k) − mean(S_k)| over
 15 equal-width bins of a_k. AUC_k: how well a_k ranks realised survival (Bernoulli draws of the
-acceptances with a fixed seed).
+acceptances with a fixed seed). Temperatures are fitted on half of the held-out responses and
+the metrics reported on the other half.
 """
 
 import json
@@ -87,9 +88,13 @@ def calibration_report(logits: torch.Tensor, accept: torch.Tensor, temps: list[f
 
 
 @torch.no_grad()
-def collect(model, target, seqs, max_blocks: int, seed: int, batch_seqs: int = 4,
-            anchors_per_seq: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Confidence logits and soft acceptance labels [N, γ] of fully supervised held-out blocks."""
+def collect(model, target, seqs, max_blocks: int, seed: int, anchors_per_seq: int = 128
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Confidence logits and soft acceptance labels [N, γ] of fully supervised held-out blocks.
+
+    Many anchors per sequence: a held-out split of a few dozen responses otherwise yields a
+    few hundred blocks, too few for 15-bin ECE (its sampling noise alone is a few percent)."""
+    batch_seqs = max(1, 64 // anchors_per_seq)  # ~64 blocks per forward bounds the [N, γ, V] logits
     from draft.training.losses import acceptance_labels, tv_distance
     from draft.training.trainer import make_batch
 
@@ -119,7 +124,7 @@ def collect(model, target, seqs, max_blocks: int, seed: int, batch_seqs: int = 4
 
 
 def calibrate_checkpoint(data_dir: str, ckpt_dir: str, model_name: str | None = None,
-                         max_blocks: int = 4000, seed: int = 0) -> dict:
+                         max_blocks: int = 4000, seed: int = 0, anchors_per_seq: int = 128) -> dict:
     """Fit STS on the held-out split; store the temperatures in the checkpoint's config."""
     from draft.checkpoint import CONFIG_FILE, load_model, resolve
     from draft.training.cache import load_sequences
@@ -132,15 +137,20 @@ def calibrate_checkpoint(data_dir: str, ckpt_dir: str, model_name: str | None = 
     target, _ = load_target(model_name, device, torch.bfloat16)
     model = load_model(path, target, dtype=torch.float32)
     seqs = load_sequences(Path(data_dir) / "cache", "heldout", tuple(model.config.target_layers))
-    logits, accept = collect(model, target, seqs, max_blocks, seed)
-    logger.info("calibrating on %d held-out blocks", logits.shape[0])
-    before = calibration_report(logits, accept, None, seed)
+    # fit on half the held-out responses, report on the other half (out of sample)
+    logits, accept = collect(model, target, seqs[::2], max_blocks // 2, seed, anchors_per_seq)
+    test_logits, test_accept = collect(model, target, seqs[1::2], max_blocks // 2, seed + 1, anchors_per_seq)
+    logger.info("calibrating on %d held-out blocks, reporting on %d others", logits.shape[0],
+                test_logits.shape[0])
     temps = fit_sts(logits, accept)
-    after = calibration_report(logits, accept, temps, seed)
+    before = calibration_report(test_logits, test_accept, None, seed)
+    after = calibration_report(test_logits, test_accept, temps, seed)
     cfg = json.loads((path / CONFIG_FILE).read_text())
     cfg["confidence_temperatures"] = temps
-    cfg["calibration"] = {"num_blocks": int(logits.shape[0]), "ece_before": before["ece"],
+    cfg["calibration"] = {"num_blocks": int(logits.shape[0]), "num_report_blocks": int(test_logits.shape[0]),
+                          "ece_before": before["ece"],
                           "ece_after": after["ece"], "auc_before": before["auc"], "auc_after": after["auc"]}
     (path / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
-    return {"checkpoint": str(path), "num_blocks": int(logits.shape[0]), "temperatures": temps,
+    return {"checkpoint": str(path), "num_blocks": int(logits.shape[0]),
+            "num_report_blocks": int(test_logits.shape[0]), "temperatures": temps,
             "before": before, "after": after}

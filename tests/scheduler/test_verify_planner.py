@@ -125,3 +125,30 @@ def test_scheduled_policy_drafts_what_it_can_verify_and_probes_at_zero_capacity(
     policy.sps = knee_sps  # the probe's draft meets a cheaper step again
     policy.verify_lengths(confident, base_tokens=1)
     assert policy.draft_positions() == 8
+
+
+def test_policies_rescale_overconfident_drafters_online():
+    """Drafts that promise 0.9 per position but are rejected 97% of the time: the running
+    realised/expected ratio scales every confidence down (keeping their order), and the
+    scheduled policy stops verifying and drafting; honest confidences are left alone."""
+    policy = ScheduledVerify(knee_sps)
+    promising = [_decoding_request([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]), _decoding_request([0.5] * 7)]
+    assert policy.confidence_scale == 1.0
+    raw_order = np.argsort(policy.confidences(promising).ravel())
+    for i in range(200):
+        policy.observe(7, int(i % 33 == 0), [0.9] * 7)
+    assert 0.0 < policy.confidence_scale < 0.01 + 1 / 33 / 5
+    assert (np.argsort(policy.confidences(promising).ravel()) == raw_order).all()
+    policy.sps = lambda batch: 1.0 / batch ** 0.5  # verifying costs something
+    for _ in range(policy.lag + 1):
+        lengths = policy.verify_lengths(promising, base_tokens=1)
+    assert lengths == [0, 0] and policy.draft_positions() == 0
+
+    honest = ScheduledVerify(knee_sps)
+    rng = np.random.default_rng(0)
+    for _ in range(500):  # acceptances drawn with the stated conditional probabilities
+        accepted = 0
+        while accepted < 7 and rng.random() < 0.6:
+            accepted += 1
+        honest.observe(7, accepted, [0.6] * 7)
+    assert abs(honest.confidence_scale - 1.0) < 0.15
