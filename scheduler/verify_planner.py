@@ -62,12 +62,18 @@ def plan_verify_lengths(confidences: np.ndarray, sps: StepsPerSecond, *, mode: s
     raise ValueError(f"unknown mode {mode!r}; use 'causal' or 'global'")
 
 
-def best_capacity(a: np.ndarray, sps: StepsPerSecond, base_tokens: int) -> int:
-    """The admission count K (draft tokens verified this step) that maximises Θ over all K."""
+def best_capacity(a: np.ndarray, sps: StepsPerSecond, base_tokens: int,
+                  draft_seconds: float = 0.0) -> int:
+    """The admission count K (draft tokens verified this step) that maximises Θ over all K.
+
+    `draft_seconds`: time the drafter adds to a step that drafts (where drafting does not
+    overlap the forward, e.g. on a CPU); a plan with K = 0 lets the drafter rest and saves it.
+    """
     rows, cols = admission_order(a)
     gains = np.concatenate([[0.0], np.cumsum(a[rows, cols])])  # expected extra tokens for K
     tau = a.shape[0] + gains
-    theta = np.array([t * sps(base_tokens + k) for k, t in enumerate(tau)])
+    theta = np.array([t / (1.0 / sps(base_tokens + k) + (draft_seconds if k else 0.0))
+                      for k, t in enumerate(tau)])
     return int(np.argmax(theta))
 
 

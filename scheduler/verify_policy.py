@@ -49,6 +49,9 @@ class VerifyPolicy(ABC):
         """How many draft positions are worth proposing for the next step (None: all γ)."""
         return None
 
+    def observe_draft_seconds(self, seconds: float) -> None:
+        """Time of a step's drafting pass (policies that weigh it override this)."""
+
     def observe(self, num_verified: int, num_accepted: int, confidences: list[float] | None) -> None:
         """One request's verification: `confidences` are the drafter's (raw) ones of the draft."""
         if not num_verified:
@@ -129,7 +132,9 @@ class CausalVerify(VerifyPolicy):
 
 class ScheduledVerify(VerifyPolicy):
     """Production variant: capacity K from a global search two steps earlier, filled top-K by
-    the current draft's survival probabilities (rank preserving, prefixes respected)."""
+    the current draft's survival probabilities (rank preserving, prefixes respected). The
+    search charges a step that verifies drafts the measured drafting time too: the drafter
+    runs on the same device as the forward, and rests when K = 0."""
 
     name = "scheduled"
     lag = 2
@@ -141,6 +146,10 @@ class ScheduledVerify(VerifyPolicy):
         self.sps = sps
         self._capacities: deque[int] = deque(maxlen=self.lag)
         self._idle_steps = 0
+        self.draft_seconds = 0.0  # running time of a drafting pass (it does not overlap here)
+
+    def observe_draft_seconds(self, seconds: float) -> None:
+        self.draft_seconds = seconds if not self.draft_seconds else 0.8 * self.draft_seconds + 0.2 * seconds
 
     def draft_positions(self) -> int | None:
         """Draft what the latest global search says the plan can verify, plus one position
@@ -163,8 +172,8 @@ class ScheduledVerify(VerifyPolicy):
             capacity = self._capacities[0]
         else:  # warm-up: plan from the prior alone, which the current draft cannot influence
             prior = survival(np.full(a.shape, self.acceptance_prior))
-            capacity = best_capacity(prior, self.sps, base_tokens)
-        self._capacities.append(best_capacity(a, self.sps, base_tokens))
+            capacity = best_capacity(prior, self.sps, base_tokens, self.draft_seconds)
+        self._capacities.append(best_capacity(a, self.sps, base_tokens, self.draft_seconds))
         return lengths_from_capacity(a, capacity).tolist()
 
     @property

@@ -165,3 +165,15 @@ def test_training_resumes_exactly(tiny_data, tiny_model_dir, tmp_path, monkeypat
     llm = tiny_llm(tiny_model_dir)
     model = load_model(resumed, llm.engine._target_handle())
     assert model.config.block_size == 4 and json.loads((resumed / "config.json").read_text())["train"]["steps"] == 6
+
+
+def test_calibrate_fits_on_half_the_heldout_and_reports_on_the_rest(tiny_data, tiny_model_dir, tmp_path):
+    from draft.training.calibrate import calibrate_checkpoint
+
+    ckpt = _train(tiny_data, tiny_model_dir, tmp_path / "c", 2)
+    report = calibrate_checkpoint(str(tiny_data), str(ckpt), str(tiny_model_dir))
+    cfg = json.loads((ckpt / "config.json").read_text())
+    assert cfg["confidence_temperatures"] == report["temperatures"] and len(report["temperatures"]) == 4
+    assert report["num_blocks"] > 0 and report["num_report_blocks"] > 0
+    assert cfg["calibration"]["num_report_blocks"] == report["num_report_blocks"]
+    assert len(cfg["calibration"]["ece_after"]) == 4

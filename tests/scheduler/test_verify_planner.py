@@ -152,3 +152,16 @@ def test_policies_rescale_overconfident_drafters_online():
             accepted += 1
         honest.observe(7, accepted, [0.6] * 7)
     assert abs(honest.confidence_scale - 1.0) < 0.15
+
+
+def test_capacity_charges_drafting_time():
+    """A drafter pass that costs as much as the gain it brings makes K = 0 (the drafter rests)."""
+    a = survival(np.full((4, 7), 0.5))
+    flat = lambda batch: 10.0  # noqa: E731 (verification is free: memory bound)
+    assert best_capacity(a, flat, 4) == 28
+    assert best_capacity(a, flat, 4, draft_seconds=0.01) > 0  # +10% time for up to +100% tokens
+    assert best_capacity(a, flat, 4, draft_seconds=0.2) == 0  # 3x the step for at most 2x tokens
+    policy = ScheduledVerify(flat)
+    policy.observe_draft_seconds(0.2)
+    policy.verify_lengths([_decoding_request([0.5] * 7)] * 4, base_tokens=4)
+    assert policy.last_capacity == 0 and policy.draft_positions() == 0
