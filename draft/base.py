@@ -103,6 +103,7 @@ class LearnedDrafter(Drafter):
                  target_layers: tuple[int, ...], device: torch.device, seed: int = 0) -> None:
         self.model = model.eval()
         self.name = name
+        self.gives_confidences = getattr(model, "confidence", None) is not None
         self.num_draft_tokens = num_draft_tokens
         self.target_layers = tuple(target_layers)
         self.caches: dict[str, object] = {}

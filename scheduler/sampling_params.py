@@ -1,5 +1,6 @@
 """Per-request sampling parameters, validated on construction."""
 
+import math
 from dataclasses import dataclass, field
 
 from scheduler.errors import InvalidRequest
@@ -63,4 +64,4 @@ def _is_int(x: object) -> bool:
 
 
 def _is_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x  # x == x: not NaN
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)

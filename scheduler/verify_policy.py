@@ -138,14 +138,17 @@ class ScheduledVerify(VerifyPolicy):
 
     name = "scheduled"
     lag = 2
-    # While the capacity is zero, one step in this many still drafts (a probe).
+    # While the capacity is zero, a one-position probe draft every `probe_every` steps; each
+    # probe that finds nothing doubles the wait, up to `max_probe_every`.
     probe_every = 8
+    max_probe_every = 64
 
     def __init__(self, sps: StepsPerSecond) -> None:
         super().__init__()
         self.sps = sps
         self._capacities: deque[int] = deque(maxlen=self.lag)
         self._idle_steps = 0
+        self._probe_wait = self.probe_every
         self.draft_seconds = 0.0  # running time of a drafting pass (it does not overlap here)
 
     def observe_draft_seconds(self, seconds: float) -> None:
@@ -154,17 +157,20 @@ class ScheduledVerify(VerifyPolicy):
     def draft_positions(self) -> int | None:
         """Draft what the latest global search says the plan can verify, plus one position
         so the capacity can grow. At a zero capacity speculation cannot pay at this load or
-        confidence, so the drafter rests (saving its whole pass) except for a full probe every
-        `probe_every` steps, whose confidences let the capacity recover. Which drafts exist
-        never changes how they are verified, so this is lossless."""
+        confidence, so the drafter rests (saving its whole pass) except for one-position probe
+        drafts, spaced further apart while they find nothing, whose confidences let the
+        capacity recover. Which drafts exist never changes how they are verified: lossless."""
         recent = self.last_capacity
         if recent is None:
             return None
         if recent > 0:
-            self._idle_steps = 0
+            self._idle_steps, self._probe_wait = 0, self.probe_every
             return recent + 1
         self._idle_steps += 1
-        return None if self._idle_steps % self.probe_every == 0 else 0
+        if self._idle_steps < self._probe_wait:
+            return 0
+        self._idle_steps, self._probe_wait = 0, min(2 * self._probe_wait, self.max_probe_every)
+        return 1
 
     def verify_lengths(self, requests: list[Request], base_tokens: int) -> list[int]:
         a = survival(self.confidences(requests))

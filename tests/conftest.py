@@ -49,7 +49,7 @@ def make_tiny_model(path: Path, arch: str = "llama", seed: int = 0, vocab_size: 
 
     path.mkdir(parents=True, exist_ok=True)
     vocab = write_word_tokenizer(path, vocab_size) if vocab_size else write_byte_tokenizer(path)
-    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,  # noqa: C408
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                   rms_norm_eps=1e-6, rope_theta=10000.0, eos_token_id=2, bos_token_id=None,
                   pad_token_id=0)

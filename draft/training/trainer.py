@@ -154,7 +154,7 @@ def train(cfg: TrainConfig) -> Path:
     seqs_per_step = max(1, cfg.batch_blocks // cfg.anchors_per_seq)
     t0 = time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {model_cfg['kind']}", unit="step")
-    log = open(out / LOG_FILE, "a")
+    log = open(out / LOG_FILE, "a")  # noqa: SIM115 (closed in the loop's finally)
     running: dict[str, float] = {}
 
     def save() -> None:

@@ -179,3 +179,12 @@ def test_fewer_draft_positions_are_a_prefix_of_the_full_draft(llm, kind, head):
                    for limit in (None, 2))
     assert len(full) == 4 and short.draft_token_ids == full.draft_token_ids[:2]
     assert short.confidences == pytest.approx(full.confidences[:2], rel=1e-5)
+
+
+@pytest.mark.parametrize(("kind", "confidence", "policy"), [("dspark", True, "scheduled"),
+                                                            ("dflash", False, "fixed"),
+                                                            ("eagle3", True, "scheduled")])
+def test_auto_verify_policy_schedules_drafters_with_confidences(llm, tiny_model_dir, kind, confidence, policy):
+    model = tiny_dspark(llm, kind, "markov" if kind == "dspark" else "none", confidence=confidence)
+    served = tiny_llm(tiny_model_dir, block_size=4, drafter=model.make_drafter(3))
+    assert served.engine.scheduler.verify_policy.name == policy

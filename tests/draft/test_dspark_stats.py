@@ -16,7 +16,7 @@ from tests.engine.test_speculative_stats import (
 @pytest.mark.slow
 @pytest.mark.parametrize("head, policy, overlap", [("markov", "fixed", False),
                                                    ("markov", "scheduled", True)])
-def test_dspark_speculation_matches_plain_sampling(tiny_vocab_dir, head, policy, overlap):
+def test_dspark_speculation_matches_plain_sampling(tiny_vocab_dir, head, policy, overlap):  # noqa: F811
     """Also under confidence-scheduled verification with the overlapped engine (issue 6)."""
     params = SamplingParams(max_tokens=4, temperature=1.0, ignore_eos=True)
     drafter = tiny_dspark(tiny_llm(tiny_vocab_dir), "dspark", head, seed=3, scale=2.0).make_drafter(3)

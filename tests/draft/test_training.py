@@ -138,7 +138,7 @@ def test_training_resumes_exactly(tiny_data, tiny_model_dir, tmp_path, monkeypat
     from draft.training import trainer
 
     straight = _train(tiny_data, tiny_model_dir, tmp_path / "a", 6)
-    log = [json.loads(line) for line in open(straight / "train_log.jsonl")]
+    log = [json.loads(line) for line in (straight / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 7))
     assert all(k in log[0] for k in ("loss", "ce", "tv", "bce", "grad_norm", "lr"))
 

@@ -46,7 +46,7 @@ def test_greedy_matches_transformers(default_llm, hf_model):
     for prompt, out in zip(prompts, ours):
         with torch.no_grad():
             ref = hf_model.generate(torch.tensor([prompt]), max_new_tokens=64, do_sample=False,
-                                    eos_token_id=sorted(eos), pad_token_id=sorted(eos)[0])
+                                    eos_token_id=sorted(eos), pad_token_id=min(eos))
         ref_ids = ref[0, len(prompt):].tolist()
         assert out.token_ids == ref_ids, default_llm.tokenizer.decode(ref_ids)
         compared += len(ref_ids)

@@ -184,8 +184,8 @@ def test_overlapped_engine_matches_sequential(tiny_model_dir, llm, draft):
     greedy = [SamplingParams(max_tokens=14, temperature=0, ignore_eos=True)] * 5
     seeded = [SamplingParams(max_tokens=14, temperature=1.0, seed=i, ignore_eos=True) for i in range(5)]
     params = greedy + seeded
-    options = dict(block_size=4, draft=draft, num_draft_tokens=3,
-                   verify_policy="scheduled" if draft else "auto")
+    options = {"block_size": 4, "draft": draft, "num_draft_tokens": 3,
+               "verify_policy": "scheduled" if draft else "auto"}
     sequential = tiny_llm(tiny_model_dir, **options)
     overlapped = tiny_llm(tiny_model_dir, overlap=True, **options)
     expected = run_staggered(sequential, prompts, params, per_step=3)

@@ -1,6 +1,8 @@
 """The confidence scheduler: Appendix A of the DSpark paper, reproduced by Monte Carlo through
 the engine's real rejection sampler, and the load response on a synthetic SPS curve."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -95,7 +97,7 @@ def test_verify_length_falls_monotonically_with_load(mode):
         conf = rng.uniform(0.5, 0.95, size=(num_reqs, 7))
         averages.append(plan_verify_lengths(conf, knee_sps, mode=mode).mean())
     assert averages[0] == 7.0  # alone, the whole draft fits under the knee
-    assert all(x >= y for x, y in zip(averages, averages[1:])), averages
+    assert all(x >= y for x, y in itertools.pairwise(averages)), averages
     assert averages[-1] < 0.5  # past the knee speculation backs off
 
 
@@ -109,7 +111,8 @@ def _decoding_request(conf: list[float]) -> Request:
 
 def test_scheduled_policy_drafts_what_it_can_verify_and_probes_at_zero_capacity():
     """The scheduled policy asks for K+1 draft positions (K: its latest capacity), rests the
-    drafter while K is zero except for a full probe every `probe_every` steps, and recovers."""
+    drafter while K is zero except for one-position probes spaced 8, 16, 32, 64, 64 ... steps
+    apart, and recovers as soon as a probe's draft shows that drafts pay again."""
     policy = ScheduledVerify(knee_sps)
     assert policy.draft_positions() is None  # nothing planned yet: full drafts
     confident = [_decoding_request([0.9] * 7)]
@@ -119,12 +122,17 @@ def test_scheduled_policy_drafts_what_it_can_verify_and_probes_at_zero_capacity(
     policy.sps = lambda batch: 1.0 / batch
     policy.verify_lengths([_decoding_request([0.05] * 7)], base_tokens=1)
     assert policy.last_capacity == 0
-    asked = [policy.draft_positions() for _ in range(2 * policy.probe_every)]
-    assert asked.count(None) == 2 and set(asked) == {0, None}
-    assert asked[policy.probe_every - 1] is None  # the probe
+    asked = [policy.draft_positions() for _ in range(200)]
+    assert set(asked) == {0, 1}
+    assert [i for i, n in enumerate(asked) if n] == [7, 7 + 16, 7 + 16 + 32, 7 + 16 + 32 + 64, 7 + 16 + 32 + 128]
     policy.sps = knee_sps  # the probe's draft meets a cheaper step again
+    policy.verify_lengths([_decoding_request([0.9])], base_tokens=1)
+    assert policy.last_capacity == 1 and policy.draft_positions() == 2
     policy.verify_lengths(confident, base_tokens=1)
     assert policy.draft_positions() == 8
+    policy.sps = lambda batch: 1.0 / batch  # and the backoff restarts at 8 steps
+    policy.verify_lengths([_decoding_request([0.05] * 7)], base_tokens=1)
+    assert [policy.draft_positions() for _ in range(8)] == [0] * 7 + [1]
 
 
 def test_policies_rescale_overconfident_drafters_online():
@@ -157,7 +165,9 @@ def test_policies_rescale_overconfident_drafters_online():
 def test_capacity_charges_drafting_time():
     """A drafter pass that costs as much as the gain it brings makes K = 0 (the drafter rests)."""
     a = survival(np.full((4, 7), 0.5))
-    flat = lambda batch: 10.0  # noqa: E731 (verification is free: memory bound)
+    def flat(batch: int) -> float:  # verification is free: memory bound
+        return 10.0
+
     assert best_capacity(a, flat, 4) == 28
     assert best_capacity(a, flat, 4, draft_seconds=0.01) > 0  # +10% time for up to +100% tokens
     assert best_capacity(a, flat, 4, draft_seconds=0.2) == 0  # 3x the step for at most 2x tokens
