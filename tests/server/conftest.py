@@ -45,7 +45,8 @@ def tiny_model_name(tiny_model_dir) -> str:
 @pytest.fixture(scope="session")
 def real_server(tmp_path_factory) -> Iterator[ServerProcess]:
     """The real default model in fp32 (so greedy output matches `LLM().chat` in fp32), as a
-    separate process started exactly as users start it."""
+    separate process started exactly as users start it: speculating with the shipped DSpark
+    drafter, so those matches are lossless checks of the default serving path."""
     log = tmp_path_factory.mktemp("real-server") / "server.log"
     proc = ServerProcess(["--device", "cpu", "--dtype", "float32",
                           "--kv-cache-bytes", str(256 << 20), "--max-num-seqs", "64"], log)
