@@ -31,8 +31,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dspark" / "sps"
 
 
+# Bumped when the forward's kernels change speed (v2: oneDNN-prepacked projections), so a
+# cached curve measured with the old kernels is not reused.
+PROFILE_VERSION = 2
+
+
 def profile_key(model_name: str, device: torch.device, dtype: str, threads: int, block_size: int) -> str:
-    raw = f"{model_name}-{device.type}-{dtype}-t{threads}-bs{block_size}-v1"
+    raw = f"{model_name}-{device.type}-{dtype}-t{threads}-bs{block_size}-v{PROFILE_VERSION}"
     return re.sub(r"[^A-Za-z0-9._-]+", "_", raw)
 
 
