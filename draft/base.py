@@ -111,3 +111,21 @@ class LearnedDrafter(Drafter):
 
     def free(self, req_id: str) -> None:
         self.caches.pop(req_id, None)
+
+    @torch.inference_mode()
+    def propose(self, inputs: list[DraftInput]) -> list[Proposal]:
+        self._extend_context(inputs)
+        drafting = [i for i, x in enumerate(inputs) if x.wants_proposal and self.num_draft_tokens > 0]
+        out = [EMPTY_PROPOSAL] * len(inputs)
+        if drafting:
+            for i, p in zip(drafting, self._draft([inputs[i] for i in drafting])):
+                out[i] = p
+        return out
+
+    @abstractmethod
+    def _extend_context(self, inputs: list[DraftInput]) -> None:
+        """Cache the context features of what each request committed this step."""
+
+    @abstractmethod
+    def _draft(self, inputs: list[DraftInput]) -> list[Proposal]:
+        """One proposal per input; every input wants one."""

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from draft.base import EMPTY_PROPOSAL, DraftInput, LearnedDrafter, Proposal, TargetHandle
+from draft.base import DraftInput, LearnedDrafter, Proposal, TargetHandle
 from draft.heads import ConfidenceHead, make_head
 from engine.model import RMSNorm, RotaryEmbedding, apply_rotary
 
@@ -283,16 +283,6 @@ class DSparkDrafter(LearnedDrafter):
         # a drafter trained for fewer positions (MTP: 1) proposes no more than it learned
         super().__init__(model, model.config.kind, min(num_draft_tokens, model.max_draft_tokens),
                          model.config.target_layers, model.target.device, seed)
-
-    @torch.inference_mode()
-    def propose(self, inputs: list[DraftInput]) -> list[Proposal]:
-        self._extend_context(inputs)
-        drafting = [i for i, x in enumerate(inputs) if x.wants_proposal and self.num_draft_tokens > 0]
-        out = [EMPTY_PROPOSAL] * len(inputs)
-        if drafting:
-            for i, p in zip(drafting, self._draft([inputs[i] for i in drafting])):
-                out[i] = p
-        return out
 
     def _extend_context(self, inputs: list[DraftInput]) -> None:
         m = self.model

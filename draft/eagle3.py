@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from draft.base import EMPTY_PROPOSAL, DraftInput, LearnedDrafter, Proposal, TargetHandle
+from draft.base import DraftInput, LearnedDrafter, Proposal, TargetHandle
 from draft.dspark import DSparkConfig, rotate
 from draft.heads import ConfidenceHead
 from engine.model import RMSNorm, RotaryEmbedding
@@ -159,8 +159,7 @@ class Eagle3Drafter(LearnedDrafter):
         super().__init__(model, "eagle3", num_draft_tokens, model.config.target_layers,
                          model.target.device, seed)
 
-    @torch.inference_mode()
-    def propose(self, inputs: list[DraftInput]) -> list[Proposal]:
+    def _extend_context(self, inputs: list[DraftInput]) -> None:
         m = self.model
         for x in inputs:
             f = x.context_features
@@ -181,12 +180,6 @@ class Eagle3Drafter(LearnedDrafter):
             cache.k = k if cache.k is None else torch.cat([cache.k, k])
             cache.v = v if cache.v is None else torch.cat([cache.v, v])
             cache.g_last = g[-1]
-        drafting = [i for i, x in enumerate(inputs) if x.wants_proposal and self.num_draft_tokens > 0]
-        out = [EMPTY_PROPOSAL] * len(inputs)
-        if drafting:
-            for i, p in zip(drafting, self._draft([inputs[i] for i in drafting])):
-                out[i] = p
-        return out
 
     def _draft(self, inputs: list[DraftInput]) -> list[Proposal]:
         m = self.model
