@@ -1,7 +1,7 @@
 """The drafter interface: given the requests of a step, propose draft tokens for each."""
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -95,9 +95,39 @@ class Drafter(ABC):
         return min(self.num_draft_tokens, max(asked, default=0))
 
 
+@dataclass(slots=True)
+class _HeldContext:
+    """Context features a resting drafter has received but not yet turned into K/V:
+    rows for positions start .. start + len - 1."""
+
+    start: int
+    rows: list[torch.Tensor]
+
+    @property
+    def end(self) -> int:
+        return self.start + sum(r.shape[0] for r in self.rows)
+
+    def truncate(self, end: int) -> None:
+        """Drop rows at positions >= end (stale: later features replace them)."""
+        kept, pos = [], self.start
+        for r in self.rows:
+            if pos >= end:
+                break
+            kept.append(r[:end - pos])
+            pos += r.shape[0]
+        self.rows = kept
+
+
 class LearnedDrafter(Drafter):
     """A drafter backed by a trained model that reads target features: per-request context
-    caches (dropped by `free`) and a seeded generator for draft sampling."""
+    caches (dropped by `free`) and a seeded generator for draft sampling.
+
+    Context is extended lazily: a request that does not draft this step only holds on to its
+    new features, and they become context K/V the next time it drafts (or once
+    `MAX_HELD_ROWS` pile up). While the scheduler rests the drafter, a step then costs what
+    plain decoding costs, not a drafter forward over every committed token."""
+
+    MAX_HELD_ROWS = 256
 
     def __init__(self, model: nn.Module, name: str, num_draft_tokens: int,
                  target_layers: tuple[int, ...], device: torch.device, seed: int = 0) -> None:
@@ -107,25 +137,51 @@ class LearnedDrafter(Drafter):
         self.num_draft_tokens = num_draft_tokens
         self.target_layers = tuple(target_layers)
         self.caches: dict[str, object] = {}
+        self.held: dict[str, _HeldContext] = {}
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def free(self, req_id: str) -> None:
         self.caches.pop(req_id, None)
+        self.held.pop(req_id, None)
 
     @torch.inference_mode()
     def propose(self, inputs: list[DraftInput]) -> list[Proposal]:
-        self._extend_context(inputs)
         drafting = [i for i, x in enumerate(inputs) if x.wants_proposal and self.num_draft_tokens > 0]
+        wants = set(drafting)
+        taken = [self._take_context(x, i in wants) for i, x in enumerate(inputs)]
+        extend = [x for x in taken if x is not None]
+        if extend:
+            self._extend_context(extend)
         out = [EMPTY_PROPOSAL] * len(inputs)
         if drafting:
             for i, p in zip(drafting, self._draft([inputs[i] for i in drafting])):
                 out[i] = p
         return out
 
+    def _take_context(self, x: DraftInput, drafting: bool) -> DraftInput | None:
+        """Merge this step's features into what the request holds; when it drafts now (or
+        holds too much), return an input carrying all held features for `_extend_context`."""
+        f = x.context_features
+        held = self.held.get(x.req_id)
+        if f is not None and f.shape[0]:
+            start = x.num_computed_tokens - f.shape[0]
+            if held is None or start < held.start:
+                held = self.held[x.req_id] = _HeldContext(start, [])
+            assert start <= held.end, "context features skipped positions"
+            held.truncate(start)
+            held.rows.append(f if drafting else f.clone())  # a view would pin the step's tensor
+        if held is None or not (drafting or held.end - held.start >= self.MAX_HELD_ROWS):
+            return None
+        del self.held[x.req_id]
+        assert held.end == x.num_computed_tokens, "held context does not reach the computed tokens"
+        return replace(x, context_features=torch.cat(held.rows))
+
     @abstractmethod
     def _extend_context(self, inputs: list[DraftInput]) -> None:
-        """Cache the context features of what each request committed this step."""
+        """Cache the context features each input carries (positions num_computed_tokens - m ..
+        num_computed_tokens - 1)."""
 
     @abstractmethod
     def _draft(self, inputs: list[DraftInput]) -> list[Proposal]:
-        """One proposal per input; every input wants one."""
+        """One proposal per input; every input wants one; its context is cached up to
+        `num_computed_tokens`."""

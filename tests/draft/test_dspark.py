@@ -189,3 +189,38 @@ def test_auto_verify_policy_schedules_drafters_with_confidences(llm, tiny_model_
     model = tiny_dspark(llm, kind, "markov" if kind == "dspark" else "none", confidence=confidence)
     served = tiny_llm(tiny_model_dir, block_size=4, drafter=model.make_drafter(3))
     assert served.engine.scheduler.verify_policy.name == policy
+
+
+@pytest.mark.parametrize(("kind", "head"), [("dspark", "markov"), ("eagle3", "none")])
+def test_resting_drafter_holds_context_until_it_drafts(llm, kind, head, monkeypatch):
+    """A request that does not draft only holds its features (no drafter forward); its next
+    draft equals that of a drafter given the whole context at once, also after a restart from
+    position 0 (preemption) and after the held rows hit their cap."""
+    model = tiny_dspark(llm, kind, head, block_size=4)
+    seq = [(13 * i + 2) % 250 + 3 for i in range(21)]
+    feats = _context_of(llm, seq, model.config.target_layers)
+    a = len(seq) - 1
+
+    def final(drafter):
+        return drafter.propose([DraftInput("r", seq, a, None, temperature=0.0)])[0]
+
+    eager = model.make_drafter(4)
+    eager.propose([DraftInput("r", seq[:a], a, feats[:a], wants_proposal=False)])
+    expected = eager.propose([DraftInput("r", seq, a, None, temperature=0.0)])[0]
+
+    lazy = model.make_drafter(4)
+    lazy.propose([DraftInput("r", seq[:5], 5, feats[:5], wants_proposal=False)])
+    lazy.propose([DraftInput("r", seq[:3], 3, feats[:3], wants_proposal=False)])  # restart (preempted)
+    for n in range(4, a + 1):  # one committed token per resting step
+        lazy.propose([DraftInput("r", seq[:n], n, feats[n - 1:n], wants_proposal=False)])
+    assert "r" not in lazy.caches  # no context K/V built while resting
+    got = final(lazy)
+    assert got.draft_token_ids == expected.draft_token_ids
+    assert got.confidences == pytest.approx(expected.confidences, rel=1e-4)
+
+    monkeypatch.setattr(type(lazy), "MAX_HELD_ROWS", 8)
+    capped = model.make_drafter(4)
+    for n in range(1, a + 1):
+        capped.propose([DraftInput("r", seq[:n], n, feats[n - 1:n], wants_proposal=False)])
+    assert capped.caches["r"].length == 16 and capped.held["r"].end - capped.held["r"].start == a - 16
+    assert final(capped).draft_token_ids == expected.draft_token_ids
