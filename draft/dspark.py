@@ -22,7 +22,7 @@ from torch import nn
 
 from draft.base import DraftInput, LearnedDrafter, Proposal, TargetHandle
 from draft.heads import ConfidenceHead, make_head
-from engine.model import RMSNorm, RotaryEmbedding, apply_rotary
+from engine.model import Linear, RMSNorm, RotaryEmbedding, apply_rotary
 from engine.sampler import sample_rows
 
 
@@ -73,12 +73,12 @@ class DraftLayer(nn.Module):
         super().__init__()
         h, self.nh, self.nkv, self.hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps)
-        self.q_proj = nn.Linear(h, self.nh * self.hd, bias=False)
-        self.kv_proj = nn.Linear(h, 2 * self.nkv * self.hd, bias=False)
-        self.o_proj = nn.Linear(self.nh * self.hd, h, bias=False)
+        self.q_proj = Linear(h, self.nh * self.hd, bias=False)
+        self.kv_proj = Linear(h, 2 * self.nkv * self.hd, bias=False)
+        self.o_proj = Linear(self.nh * self.hd, h, bias=False)
         self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps)
-        self.gate_up_proj = nn.Linear(h, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, h, bias=False)
+        self.gate_up_proj = Linear(h, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, h, bias=False)
 
     def kv(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding
            ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,7 +131,7 @@ class DSparkModel(nn.Module):
         self.config = cfg
         self.target = target  # a dataclass, so nn.Module does not register (or save) it
         h = cfg.hidden_size
-        self.fc = nn.Linear(len(cfg.target_layers) * h, h, bias=False)
+        self.fc = Linear(len(cfg.target_layers) * h, h, bias=False)
         self.hidden_norm = RMSNorm(h, cfg.rms_norm_eps)
         self.mask_embedding = nn.Parameter(torch.zeros(h))
         self.layers = nn.ModuleList(DraftLayer(cfg) for _ in range(cfg.num_layers))

@@ -23,7 +23,7 @@ from torch import nn
 from draft.base import DraftInput, LearnedDrafter, Proposal, TargetHandle
 from draft.dspark import DSparkConfig, rotate, sample_draft
 from draft.heads import ConfidenceHead
-from engine.model import RMSNorm, RotaryEmbedding
+from engine.model import Linear, RMSNorm, RotaryEmbedding
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,15 +42,15 @@ class Eagle3Model(nn.Module):
         self.target = target
         h = cfg.hidden_size
         self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.fc = nn.Linear(len(cfg.target_layers) * h, h, bias=False)
+        self.fc = Linear(len(cfg.target_layers) * h, h, bias=False)
         self.emb_norm = RMSNorm(h, cfg.rms_norm_eps)
         self.hidden_norm = RMSNorm(h, cfg.rms_norm_eps)
-        self.q_proj = nn.Linear(2 * h, self.nh * self.hd, bias=False)
-        self.kv_proj = nn.Linear(2 * h, 2 * self.nkv * self.hd, bias=False)
-        self.o_proj = nn.Linear(self.nh * self.hd, h, bias=False)
+        self.q_proj = Linear(2 * h, self.nh * self.hd, bias=False)
+        self.kv_proj = Linear(2 * h, 2 * self.nkv * self.hd, bias=False)
+        self.o_proj = Linear(self.nh * self.hd, h, bias=False)
         self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps)
-        self.gate_up_proj = nn.Linear(h, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, h, bias=False)
+        self.gate_up_proj = Linear(h, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, h, bias=False)
         self.norm = RMSNorm(h, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_positions, cfg.rope_theta)
         self.confidence = ConfidenceHead(h) if cfg.confidence else None

@@ -14,6 +14,8 @@ position at a time after sampling the previous token).
 import torch
 from torch import nn
 
+from engine.model import Linear
+
 
 class SequentialHead(nn.Module):
     """Shared interface; `prev_embed` is W1 (the confidence head reads it too)."""
@@ -22,7 +24,7 @@ class SequentialHead(nn.Module):
         super().__init__()
         self.rank = rank
         self.prev_embed = nn.Embedding(vocab_size, rank)  # W1
-        self.out = nn.Linear(rank, vocab_size, bias=False)  # W2
+        self.out = Linear(rank, vocab_size, bias=False)  # W2
         nn.init.normal_(self.prev_embed.weight, std=0.02)
         nn.init.zeros_(self.out.weight)  # starts as the plain parallel drafter
 
@@ -59,7 +61,7 @@ class RNNHead(SequentialHead):
 
     def __init__(self, vocab_size: int, rank: int, hidden_size: int) -> None:
         super().__init__(vocab_size, rank)
-        self.gates = nn.Linear(2 * rank + hidden_size, 2 * rank)
+        self.gates = Linear(2 * rank + hidden_size, 2 * rank)
         nn.init.normal_(self.gates.weight, std=0.02)
         nn.init.zeros_(self.gates.bias)
 
@@ -91,7 +93,7 @@ class ConfidenceHead(nn.Module):
 
     def __init__(self, input_dim: int) -> None:
         super().__init__()
-        self.proj = nn.Linear(input_dim, 1)
+        self.proj = Linear(input_dim, 1)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from draft.base import TargetHandle
 from draft.dspark import DSparkConfig, DSparkModel
-from engine.model import RMSNorm
+from engine.model import Linear, RMSNorm
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +37,7 @@ class MTPModel(DSparkModel):
         h = cfg.hidden_size
         self.emb_norm = RMSNorm(h, cfg.rms_norm_eps)
         self.prev_norm = RMSNorm(h, cfg.rms_norm_eps)
-        self.in_proj = nn.Linear(2 * h, h, bias=False)
+        self.in_proj = Linear(2 * h, h, bias=False)
         nn.init.normal_(self.in_proj.weight, std=0.02)
 
     @property
