@@ -1,7 +1,7 @@
 """`dspark bench serve`: sweep client concurrency against a running OpenAI-compatible server.
 
 At each concurrency level C, C closed-loop clients stream chat completions (prompts: the first
-turns of MT-Bench) until `rounds * C` requests are done. Per request: time to first token (first
+turns of MT-Bench, or of several prompt files interleaved) until `rounds * C` requests are done. Per request: time to first token (first
 content chunk), inter-chunk latencies, and per-user decode speed (completion tokens - 1) /
 (last chunk - first chunk), the same definition as the server's
 `dspark:request_output_tokens_per_second`. Per level: aggregate output tok/s (all completion
@@ -172,13 +172,18 @@ def build_bodies(prompts: list[str], n: int, model: str, args: argparse.Namespac
              "stream_options": {"include_usage": True}} for i in range(n)]
 
 
+def interleave(sets: list[list[str]]) -> list[str]:
+    """Round-robin over prompt sets (a, b, c, a, b, c, ...) until every set is used up."""
+    return [xs[i] for i in range(max(map(len, sets), default=0)) for xs in sets if i < len(xs)]
+
+
 async def sweep(url: str, args: argparse.Namespace) -> tuple[str, list[LevelResult]]:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as client:
         r = await client.get("/v1/models")
         r.raise_for_status()
         model = args.model or r.json()["data"][0]["id"]
-    prompts = load_turns(args.prompts)
+    prompts = interleave([load_turns(f) for f in args.prompts])
     if not prompts:
         raise ValueError(f"no prompts in {args.prompts}")
     levels_n = [max(1, args.rounds * c) for c in args.concurrency]
@@ -242,8 +247,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                    help="generate exactly max-tokens per request (default on)")
-    p.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS,
-                   help="JSONL with {'turns': [...]} per line (default: MT-Bench)")
+    p.add_argument("--prompts", type=Path, nargs="+", default=[DEFAULT_PROMPTS],
+                   help="JSONL files with {'turns': [...]} per line, interleaved so every level "
+                        "mixes them (default: MT-Bench)")
     p.add_argument("--model", default=None, help="default: the server's first model")
     p.add_argument("--api-key", default=envs.get("DSPARK_API_KEY"))
     p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True)
@@ -277,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": model,
         "launched": args.launch,
         "server_args": args.server_args,
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "config": json.loads(json.dumps(vars(args), default=str)),  # paths as strings
         "per_user_tok_s": "(completion tokens - 1) / (last content chunk - first content chunk)",
         "levels": [asdict(lv) for lv in levels],
     }

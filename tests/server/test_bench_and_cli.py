@@ -66,3 +66,8 @@ def test_serve_exits_when_the_model_cannot_load(tmp_path):
                        cwd=REPO, capture_output=True, timeout=120, check=False)
     assert r.returncode == 1
     assert b"the model failed to load" in r.stderr
+
+
+def test_bench_prompt_sets_are_interleaved():
+    assert bench_serve.interleave([["a1", "a2", "a3"], ["b1"], ["c1", "c2"]]) == ["a1", "b1", "c1", "a2", "c2", "a3"]
+    assert bench_serve.interleave([]) == []
