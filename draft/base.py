@@ -132,12 +132,6 @@ class LearnedDrafter(Drafter):
     def __init__(self, model: nn.Module, name: str, num_draft_tokens: int,
                  target_layers: tuple[int, ...], device: torch.device, seed: int = 0) -> None:
         self.model = model.eval()
-        if device.type == "cpu" and torch.backends.mkldnn.is_available():
-            # prepacked projections (engine.model.Linear), as the target's; the dense weights
-            # stay for training forwards (a model trained further needs a new drafter)
-            for module in model.modules():
-                if hasattr(module, "pack_weight"):
-                    module.pack_weight(keep_dense=True)
         self.name = name
         self.gives_confidences = getattr(model, "confidence", None) is not None
         self.num_draft_tokens = num_draft_tokens

@@ -33,7 +33,8 @@ def save_drafter(model: torch.nn.Module, out_dir: str | Path, extra: dict | None
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config.to_json()
     cfg.update(extra or {})
-    tensors = {k: v.detach().to("cpu", torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().to("cpu", torch.bfloat16 if v.is_floating_point() else v.dtype).contiguous()
+               for k, v in model.state_dict().items()}  # weights bf16; ids (draft vocabulary) as they are
     save_file(tensors, str(out / WEIGHTS_FILE))
     (out / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
     return out
@@ -63,7 +64,8 @@ def load_model(path: str | Path, target: TargetHandle, dtype: torch.dtype | None
     cfg_json = json.loads((path / CONFIG_FILE).read_text())
     model = build_model(cfg_json, target)
     state = load_file(str(path / WEIGHTS_FILE))
-    missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    missing, unexpected = model.load_state_dict({k: v.float() if v.is_floating_point() else v
+                                                 for k, v in state.items()}, strict=False)
     if missing or unexpected:
         raise KeyError(f"drafter checkpoint {path}: missing {missing[:4]}, unexpected {unexpected[:4]}")
     model = model.to(device=device or target.device, dtype=dtype or target.dtype)

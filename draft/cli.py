@@ -1,4 +1,4 @@
-"""`dspark draft data|train|calibrate|eval`: the drafter training pipeline."""
+"""`dspark draft data|train|calibrate|vocab|eval`: the drafter training pipeline."""
 
 import argparse
 import json
@@ -64,6 +64,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default=None, help="JSON report")
     c.add_argument("--seed", type=int, default=0)
 
+    v = sub.add_parser("vocab", help="restrict a drafter's proposals to the most frequent tokens")
+    v.add_argument("--data", required=True, help="data directory (its train responses are counted)")
+    v.add_argument("--draft", required=True, help="checkpoint directory (updated in place)")
+    v.add_argument("--size", type=int, required=True, help="tokens to keep (0: the whole vocabulary)")
+
     e = sub.add_parser("eval", help="offline acceptance length on prompt files")
     e.add_argument("--draft", required=True, help="shipped name (dspark, dflash, ...) or directory")
     e.add_argument("--prompts", nargs="+", required=True)
@@ -114,6 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             Path(args.out).write_text(text)
         print(text)
+        return 0
+    if args.command == "vocab":
+        from draft.training.vocab import set_draft_vocab
+
+        print(json.dumps(set_draft_vocab(args.draft, args.data, args.size)))
         return 0
     if args.command == "eval":
         from draft.training.evaluate import EvalConfig, evaluate

@@ -22,7 +22,14 @@ from torch import nn
 
 from draft.base import DraftInput, LearnedDrafter, Proposal, TargetHandle
 from draft.heads import ConfidenceHead, make_head
-from engine.model import Linear, RMSNorm, RotaryEmbedding, apply_rotary
+from engine.model import (
+    Linear,
+    RMSNorm,
+    RotaryEmbedding,
+    apply_rotary,
+    linear_of_rows,
+    prepack_linears,
+)
 from engine.sampler import sample_rows
 
 
@@ -47,6 +54,10 @@ class DSparkConfig:
     # Sequential Temperature Scaling of the confidence logits, one per position (None: 1.0).
     confidence_temperatures: tuple[float, ...] | None = None
     target_model: str = ""  # the target this drafter was trained against (informational)
+    # Draft vocabulary: at inference, propose only among this many tokens (the most frequent in
+    # the target's training responses; ids in the `draft_vocab` buffer); 0: all. It saves most
+    # of a draft's LM-head, softmax and sampling cost; training always uses the full vocabulary.
+    draft_vocab_size: int = 0
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -141,6 +152,10 @@ class DSparkModel(nn.Module):
         self.head = make_head(head, cfg.vocab_size, cfg.head_rank, h)
         conf_dim = h + (cfg.head_rank if self.head is not None else 0)
         self.confidence = ConfidenceHead(conf_dim) if cfg.confidence else None
+        if cfg.draft_vocab_size:
+            self.register_buffer("draft_vocab", torch.zeros(cfg.draft_vocab_size, dtype=torch.long))
+        else:
+            self.draft_vocab: torch.Tensor | None = None
         self._init_weights()
 
     @torch.no_grad()
@@ -290,6 +305,16 @@ class DSparkDrafter(LearnedDrafter):
         # a drafter trained for fewer positions (MTP: 1) proposes no more than it learned
         super().__init__(model, model.config.kind, min(num_draft_tokens, model.max_draft_tokens),
                          model.config.target_layers, model.target.device, seed)
+        # the LM head and sequential-head output restricted to the draft vocabulary, if any
+        ids = model.draft_vocab
+        self.vocab_ids = ids
+        self.lm_head = model.target.lm_head if ids is None else linear_of_rows(model.target.lm_head.weight, ids)
+        self.head_out = None if ids is None or model.head is None else linear_of_rows(model.head.out.weight, ids)
+        prepack_linears(model)  # as the target's (a model trained further needs a new drafter)
+        if ids is not None:
+            prepack_linears(self.lm_head)
+            if self.head_out is not None:
+                prepack_linears(self.head_out)
 
     def _extend_context(self, inputs: list[DraftInput]) -> None:
         m = self.model
@@ -341,7 +366,7 @@ class DSparkDrafter(LearnedDrafter):
         # (what the verify plan can use) pay for LM-head rows and the sequential head
         n = self.num_positions(inputs)
         h = m.norm(x[:, :n])  # [R, n, hidden]
-        base = m.base_logits(h)  # [R, n, V]
+        base = self.lm_head(h.to(m.target.dtype)).float()  # [R, n, V or draft vocabulary]
         temps = [x.temperature if x.temperature is not None else 1.0 for x in inputs]
         greedy = torch.tensor([t == 0 for t in temps], device=device)
         inv_t = torch.tensor([1.0 / t if t > 0 else 1.0 for t in temps], device=device)[:, None]
@@ -352,18 +377,21 @@ class DSparkDrafter(LearnedDrafter):
         for k in range(n):
             logits = base[:, k]
             if m.head is not None:
-                bias, state = m.head.step(state, prev, h[:, k])
+                bias, state = m.head.step(state, prev, h[:, k], self.head_out)
                 logits = logits + bias.float()
-            p = (logits * inv_t).softmax(-1)  # [R, V]
-            sampled = sample_draft(p, self.generator)
-            tok = torch.where(greedy, logits.argmax(-1), sampled)
+            p = (logits * inv_t).softmax(-1)  # [R, V or draft vocabulary]
+            tok = torch.where(greedy, logits.argmax(-1), sample_draft(p, self.generator))
+            if self.vocab_ids is not None:
+                tok = self.vocab_ids[tok]
             c = m.confidence_logits(h[:, k], prev)
             conf.append(torch.sigmoid(c / sts[k]) if c is not None else torch.ones(num, device=device))
             tokens.append(tok)
             probs.append(p)
             prev = tok
         tokens_t = torch.stack(tokens, 1).tolist()
-        probs_t = torch.stack(probs, 1).float()  # [R, γ, V]
+        probs_t = torch.stack(probs, 1).float()  # [R, γ, V or draft vocabulary]
+        if self.vocab_ids is not None:  # the sampler compares full-vocabulary rows
+            probs_t = probs_t.new_zeros(*probs_t.shape[:2], m.config.vocab_size).index_copy_(2, self.vocab_ids, probs_t)
         conf_t = torch.stack(conf, 1).float().tolist()
         return [Proposal(tokens_t[r], None if temps[r] == 0 else probs_t[r], conf_t[r])
                 for r in range(num)]

@@ -23,7 +23,7 @@ from torch import nn
 from draft.base import DraftInput, LearnedDrafter, Proposal, TargetHandle
 from draft.dspark import DSparkConfig, rotate, sample_draft
 from draft.heads import ConfidenceHead
-from engine.model import Linear, RMSNorm, RotaryEmbedding
+from engine.model import Linear, RMSNorm, RotaryEmbedding, prepack_linears
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +158,7 @@ class Eagle3Drafter(LearnedDrafter):
     def __init__(self, model: Eagle3Model, num_draft_tokens: int, seed: int = 0) -> None:
         super().__init__(model, "eagle3", num_draft_tokens, model.config.target_layers,
                          model.target.device, seed)
+        prepack_linears(model)  # as the target's (a model trained further needs a new drafter)
 
     def _extend_context(self, inputs: list[DraftInput]) -> None:
         m = self.model

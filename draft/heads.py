@@ -31,9 +31,10 @@ class SequentialHead(nn.Module):
     def init_state(self, batch: int, hidden: torch.Tensor) -> torch.Tensor | None:
         return None
 
-    def step(self, state: torch.Tensor | None, prev_ids: torch.Tensor, h: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """prev_ids [N], h [N, hidden] -> (bias [N, vocab], next state)."""
+    def step(self, state: torch.Tensor | None, prev_ids: torch.Tensor, h: torch.Tensor,
+             out: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """prev_ids [N], h [N, hidden] -> (bias [N, vocab], next state). `out` replaces W2,
+        e.g. by its rows of a draft vocabulary (then bias is [N, len(rows)])."""
         raise NotImplementedError
 
     def teacher_forced(self, prev_ids: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -49,8 +50,8 @@ class SequentialHead(nn.Module):
 class MarkovHead(SequentialHead):
     kind = "markov"
 
-    def step(self, state, prev_ids, h):
-        return self.out(self.prev_embed(prev_ids)), None
+    def step(self, state, prev_ids, h, out=None):
+        return (out if out is not None else self.out)(self.prev_embed(prev_ids)), None
 
     def teacher_forced(self, prev_ids, h):
         return self.out(self.prev_embed(prev_ids))  # position-wise: no recurrence
@@ -68,12 +69,12 @@ class RNNHead(SequentialHead):
     def init_state(self, batch, hidden):
         return hidden.new_zeros(batch, self.rank)
 
-    def step(self, state, prev_ids, h):
+    def step(self, state, prev_ids, h, out=None):
         x = torch.cat([state, self.prev_embed(prev_ids).to(h.dtype), h], dim=-1)
         update, candidate = self.gates(x).chunk(2, dim=-1)
         z = torch.sigmoid(update)
         state = (1 - z) * state + z * torch.tanh(candidate)
-        return self.out(state), state
+        return (out if out is not None else self.out)(state), state
 
 
 def make_head(kind: str, vocab_size: int, rank: int, hidden_size: int) -> SequentialHead | None:

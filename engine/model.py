@@ -57,6 +57,24 @@ class Linear(nn.Linear):
         return y.view(*x.shape[:-1], -1)
 
 
+def prepack_linears(module: nn.Module) -> None:
+    """Prepack every `Linear` under `module` for oneDNN, keeping the dense weights; a no-op
+    off the CPU or without oneDNN."""
+    if not torch.backends.mkldnn.is_available():
+        return
+    for m in module.modules():
+        if isinstance(m, Linear) and m.weight is not None and m.weight.device.type == "cpu":
+            m.pack_weight(keep_dense=True)
+
+
+def linear_of_rows(weight: torch.Tensor, rows: torch.Tensor) -> Linear:
+    """A bias-free `Linear` computing only the given output rows of `weight` [out, in]."""
+    lin = Linear(weight.shape[1], rows.numel(), bias=False, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(weight.detach()[rows])
+    return lin.requires_grad_(False)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Self
 
@@ -19,8 +20,9 @@ _LISTENING_RE = re.compile(r"dspark-serve listening on (http://\S+):(\d+)")
 _REPO = Path(__file__).resolve().parents[1]
 
 
-def wait_healthy(url: str, timeout: float) -> None:
-    """Poll `url`/health until it answers 200 (it answers 503 while the model loads)."""
+def wait_healthy(url: str, timeout: float, alive: Callable[[], bool] = lambda: True) -> None:
+    """Poll `url`/health until it answers 200 (it answers 503 while the model loads); stop
+    early with ChildProcessError once `alive()` says the server is gone."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -28,6 +30,8 @@ def wait_healthy(url: str, timeout: float) -> None:
                 return
         except httpx.TransportError:
             pass
+        if not alive():
+            raise ChildProcessError(f"{url}: the server exited before it became healthy")
         if time.monotonic() > deadline:
             raise TimeoutError(f"{url} did not become healthy in {timeout} s")
         time.sleep(0.1)
@@ -63,10 +67,10 @@ class ServerProcess:
 
     def wait_healthy(self, timeout: float = 300) -> Self:
         try:
-            wait_healthy(self.url, timeout)
-        except TimeoutError:
+            wait_healthy(self.url, timeout, alive=lambda: self.proc.poll() is None)
+        except (TimeoutError, ChildProcessError) as e:
             self.kill()
-            raise TimeoutError(f"the server did not become healthy:\n{self.log()}") from None
+            raise type(e)(f"the server did not become healthy:\n{self.log()}") from None
         return self
 
     def terminate(self, timeout: float = 60) -> int | None:

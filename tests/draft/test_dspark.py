@@ -117,16 +117,24 @@ def test_confidence_sts_and_checkpoint_round_trip(llm, tmp_path):
     torch.testing.assert_close(torch.tensor(outs[0].confidences), expected, rtol=1e-4, atol=1e-5)
 
 
+def vocab_dspark(llm, head: str, size: int, **options):
+    """A tiny DSpark drafter with a random draft vocabulary of `size` tokens."""
+    model = tiny_dspark(llm, "dspark", head, draft_vocab_size=size, **options)
+    ids = torch.randperm(model.config.vocab_size, generator=torch.Generator().manual_seed(3))[:size]
+    model.draft_vocab.copy_(ids.sort().values)
+    return model
+
+
 @pytest.mark.parametrize("kind,head", [("dspark", "rnn"), ("dflash", "markov"), ("mtp", "none"),
-                                       ("eagle3", "none")])
+                                       ("eagle3", "none"), ("dspark-vocab", "markov")])
 def test_greedy_lossless_batched(tiny_model_dir, llm, kind, head):
     prompts = random_prompts(8, seed=11)
     params = [SamplingParams(max_tokens=6 + 3 * (i % 4), temperature=0, ignore_eos=True) for i in range(8)]
     expected = {i: o.token_ids for i, o in enumerate(llm.generate(prompts, params))}
     # The drafter is random: losslessness must hold whatever it proposes (all of it verified;
     # the scheduled policy would rightly stop verifying a random drafter).
-    drafter = tiny_dspark(llm, kind, head, seed=5).make_drafter(3)
-    spec = tiny_llm(tiny_model_dir, block_size=4, drafter=drafter, verify_policy="fixed")
+    model = vocab_dspark(llm, head, 96, seed=5) if kind == "dspark-vocab" else tiny_dspark(llm, kind, head, seed=5)
+    spec = tiny_llm(tiny_model_dir, block_size=4, drafter=model.make_drafter(3), verify_policy="fixed")
     lengths = []
     execute = spec.engine.runner.execute
 
@@ -137,7 +145,7 @@ def test_greedy_lossless_batched(tiny_model_dir, llm, kind, head):
     spec.engine.runner.execute = recording
     assert run_staggered(spec, prompts, params, per_step=3) == expected
     assert any(len(set(step)) > 1 for step in lengths), "no step mixed verify lengths"
-    if kind == "mtp":
+    if kind in ("mtp", "dspark-vocab"):
         return  # with γ = 1 this pool does not run out: preemption is covered by the others
     # preemption (recompute) resets the drafter's context correctly
     small = tiny_llm(tiny_model_dir, block_size=4, num_blocks=30, max_num_batched_tokens=32, verify_policy="fixed",
@@ -224,3 +232,53 @@ def test_resting_drafter_holds_context_until_it_drafts(llm, kind, head, monkeypa
         capped.propose([DraftInput("r", seq[:n], n, feats[n - 1:n], wants_proposal=False)])
     assert capped.caches["r"].length == 16 and capped.held["r"].end - capped.held["r"].start == a - 16
     assert final(capped).draft_token_ids == expected.draft_token_ids
+
+
+@pytest.mark.parametrize("head", ["markov", "rnn"])
+def test_draft_vocabulary_restricts_proposals_exactly(llm, head, tmp_path):
+    """With a draft vocabulary every drafted token is in it, and `draft_probs` are the
+    restricted distributions the tokens were drawn from (zero elsewhere); greedy drafts are
+    the restricted argmax. The ids survive a checkpoint round trip as integers."""
+    model = vocab_dspark(llm, head, 40)
+    ids = model.draft_vocab
+    seq = [(7 * i + 9) % 250 + 3 for i in range(19)]
+    feats = _context_of(llm, seq, model.config.target_layers)
+    a = len(seq) - 1
+    h = model.forward_blocks(torch.tensor([seq]), feats[None], torch.tensor([[a]]), 4)[0]
+    for temp in (0.0, 0.8):
+        p = model.make_drafter(4).propose([DraftInput("r", seq, a, feats[:a], temperature=temp)])[0]
+        assert set(p.draft_token_ids) <= set(ids.tolist())
+        logits, _ = model.teacher_forced(h, torch.tensor([[seq[a]] + p.draft_token_ids[:-1]]))
+        restricted = logits[0][:, ids]
+        if temp == 0:
+            assert p.draft_token_ids == ids[restricted.argmax(-1)].tolist()
+            continue
+        outside = torch.ones(model.config.vocab_size, dtype=torch.bool)
+        outside[ids] = False
+        assert p.draft_probs[:, outside].abs().max() == 0
+        torch.testing.assert_close(p.draft_probs[:, ids], (restricted / temp).softmax(-1), rtol=1e-4, atol=1e-6)
+    save_drafter(model, tmp_path / "ck")
+    loaded = load_model(tmp_path / "ck", model.target, dtype=torch.float32)
+    assert loaded.draft_vocab.dtype == torch.long and torch.equal(loaded.draft_vocab, ids)
+
+
+def test_draft_vocabulary_from_training_responses(tmp_path, llm):
+    from draft.training.vocab import set_draft_vocab, top_tokens
+
+    rows = [{"key": "a", "split": "train", "prompt_ids": [9, 9], "response_ids": [5, 5, 5, 7, 7, 9]},
+            {"key": "b", "split": "heldout", "prompt_ids": [11], "response_ids": [11, 11, 5, 9]},
+            {"key": "c", "split": "train", "prompt_ids": [], "response_ids": [7, 3]}]
+    (tmp_path / "responses.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    ids, coverage = top_tokens(tmp_path, 2, 16)  # counts 5: 3, 7: 3, 9: 3 (prompt included)
+    assert ids.tolist() == [5, 7] and coverage == pytest.approx(1 / 4)  # ties by lower id
+    ids, coverage = top_tokens(tmp_path, 5, 16)  # then 3, then the unseen lowest id (0)
+    assert ids.tolist() == [0, 3, 5, 7, 9] and coverage == pytest.approx(2 / 4)
+    model = tiny_dspark(llm, "dspark", "markov", block_size=4)
+    save_drafter(model, tmp_path / "ck")
+    report = set_draft_vocab(tmp_path / "ck", tmp_path, 2)
+    assert report["coverage"] == pytest.approx(1 / 4)
+    loaded = load_model(tmp_path / "ck", model.target, dtype=torch.float32)
+    assert loaded.draft_vocab.tolist() == [5, 7]
+    feats = _context_of(llm, [3, 4], loaded.config.target_layers)
+    proposal = loaded.make_drafter(4).propose([DraftInput("r", [3, 4], 1, feats[:1], temperature=0.0)])[0]
+    assert len(proposal) == 4 and set(proposal.draft_token_ids) <= {5, 7}

@@ -3,11 +3,15 @@
 import json
 import subprocess
 import sys
+import time
+
+import pytest
 
 from bench import serve as bench_serve
 from engine.config import CacheConfig, EngineConfig
 from scheduler import SchedulerConfig
 from server.cli import build_parser, engine_config
+from server.process import ServerProcess
 from tests.server.conftest import API_KEY
 from tests.server.helpers import REPO
 
@@ -71,3 +75,15 @@ def test_serve_exits_when_the_model_cannot_load(tmp_path):
 def test_bench_prompt_sets_are_interleaved():
     assert bench_serve.interleave([["a1", "a2", "a3"], ["b1"], ["c1", "c2"]]) == ["a1", "b1", "c1", "a2", "c2", "a3"]
     assert bench_serve.interleave([]) == []
+
+
+def test_server_that_fails_to_load_is_reported_at_once(tmp_path):
+    """A benchmark must not poll /health for minutes after the server died loading a model."""
+    bad = tmp_path / "model"
+    bad.mkdir()
+    (bad / "config.json").write_text("{}")
+    proc = ServerProcess(["--model", str(bad), "--device", "cpu"], tmp_path / "server.log")
+    start = time.monotonic()
+    with pytest.raises(ChildProcessError, match="did not become healthy"):
+        proc.wait_healthy(timeout=240)
+    assert time.monotonic() - start < 60 and proc.proc.poll() is not None
