@@ -101,6 +101,10 @@ def collect(model, target, seqs, max_blocks: int | None, seed: int, anchors_per_
 
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
+    outside = None
+    if getattr(model, "draft_vocab", None) is not None:
+        outside = torch.ones(model.config.vocab_size, dtype=torch.bool, device=device)
+        outside[model.draft_vocab] = False
     logits_all, accept_all = [], []
     count = 0
     for start in range(0, len(seqs), batch_seqs):
@@ -110,6 +114,8 @@ def collect(model, target, seqs, max_blocks: int | None, seed: int, anchors_per_
                 batch["token_ids"], batch["features"], batch["num_tokens"], batch["anchors"], batch["keep"])
         if conf is None:
             raise ValueError("this drafter has no confidence head")
+        if outside is not None:  # the drafter proposes from its draft vocabulary only
+            d_logits = d_logits.masked_fill(outside, float("-inf"))
         bsz = label_pos.shape[0]
         flat = label_pos.reshape(bsz, -1)
         final = batch["final"].gather(1, flat[..., None].expand(-1, -1, batch["final"].shape[-1]))
