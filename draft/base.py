@@ -1,5 +1,6 @@
 """The drafter interface: given the requests of a step, propose draft tokens for each."""
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 
@@ -79,6 +80,9 @@ class Drafter(ABC):
     target_layers: tuple[int, ...] = ()
     # Whether proposals carry per-position confidences (then verification is scheduled).
     gives_confidences: bool = False
+    # Wall time of the last drafting pass itself, without context bookkeeping (None: not
+    # measured; the engine then charges the whole `propose`).
+    last_pass_seconds: float | None = None
 
     @abstractmethod
     def propose(self, inputs: list[DraftInput]) -> list[Proposal]:
@@ -153,9 +157,12 @@ class LearnedDrafter(Drafter):
         if extend:
             self._extend_context(extend)
         out = [EMPTY_PROPOSAL] * len(inputs)
+        self.last_pass_seconds = None
         if drafting:
+            start = time.perf_counter()
             for i, p in zip(drafting, self._draft([inputs[i] for i in drafting])):
                 out[i] = p
+            self.last_pass_seconds = time.perf_counter() - start
         return out
 
     def _take_context(self, x: DraftInput, drafting: bool) -> DraftInput | None:

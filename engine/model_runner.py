@@ -56,6 +56,8 @@ class ModelRunner:
             features = torch.cat([captured[i] for i in layers], dim=-1) if layers else None
             self._propose(sched_out, batch, out, features)
             out.draft_seconds = time.perf_counter() - t1
+            passed = self.drafter.last_pass_seconds
+            out.draft_pass_seconds = out.draft_seconds if passed is None else passed
         return out
 
     def _draft_probs_for(self, s) -> torch.Tensor | None:

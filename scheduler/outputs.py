@@ -63,7 +63,10 @@ class ModelRunnerOutput:
     draft_token_ids: list[list[int]] | None = None
     draft_confidences: list[list[float] | None] | None = None
     forward_seconds: float = 0.0  # target forward and (rejection) sampling
-    draft_seconds: float = 0.0
+    draft_seconds: float = 0.0  # all the drafter's work this step
+    # the drafting pass alone, without catching up context held while resting: what one
+    # more drafting step costs (the verify policy weighs it)
+    draft_pass_seconds: float = 0.0
 
 
 @dataclass(slots=True)

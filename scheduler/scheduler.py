@@ -146,7 +146,7 @@ class Scheduler:
         """Apply a finished step to the logical requests; return what each one gained."""
         updates: list[RequestUpdate] = []
         if runner_out.draft_token_ids and any(runner_out.draft_token_ids):
-            self.verify_policy.observe_draft_seconds(runner_out.draft_seconds)
+            self.verify_policy.observe_draft_seconds(runner_out.draft_pass_seconds)
         for idx, (sched, req_id, sampled) in enumerate(zip(
                 sched_out.scheduled, runner_out.req_ids, runner_out.sampled_token_ids, strict=True)):
             assert sched.req_id == req_id

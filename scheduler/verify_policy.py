@@ -149,10 +149,17 @@ class ScheduledVerify(VerifyPolicy):
         self._capacities: deque[int] = deque(maxlen=self.lag)
         self._idle_steps = 0
         self._probe_wait = self.probe_every
-        self.draft_seconds = 0.0  # running time of a drafting pass (it does not overlap here)
+        # recent drafting-pass times; their median is what drafting adds to a step (it does
+        # not overlap the forward here). A median ignores the odd slow pass (the first one
+        # builds kernels) that would keep a resting drafter from ever paying again.
+        self._draft_times: deque[float] = deque(maxlen=9)
+
+    @property
+    def draft_seconds(self) -> float:
+        return float(np.median(self._draft_times)) if self._draft_times else 0.0
 
     def observe_draft_seconds(self, seconds: float) -> None:
-        self.draft_seconds = seconds if not self.draft_seconds else 0.8 * self.draft_seconds + 0.2 * seconds
+        self._draft_times.append(seconds)
 
     def draft_positions(self) -> int | None:
         """Draft what the latest global search says the plan can verify, plus one position

@@ -282,3 +282,15 @@ def test_draft_vocabulary_from_training_responses(tmp_path, llm):
     feats = _context_of(llm, [3, 4], loaded.config.target_layers)
     proposal = loaded.make_drafter(4).propose([DraftInput("r", [3, 4], 1, feats[:1], temperature=0.0)])[0]
     assert len(proposal) == 4 and set(proposal.draft_token_ids) <= {5, 7}
+
+
+def test_drafting_pass_time_excludes_resting_steps(llm):
+    """`last_pass_seconds` times the drafting pass only: unset on a step that drafts nothing."""
+    model = tiny_dspark(llm, "dspark", "markov", block_size=4)
+    seq = [(5 * i + 1) % 250 + 3 for i in range(12)]
+    feats = _context_of(llm, seq, model.config.target_layers)
+    drafter = model.make_drafter(4)
+    drafter.propose([DraftInput("r", seq[:8], 8, feats[:8], wants_proposal=False)])
+    assert drafter.last_pass_seconds is None
+    drafter.propose([DraftInput("r", seq, 11, feats[8:11], temperature=0.0)])
+    assert drafter.last_pass_seconds is not None and drafter.last_pass_seconds > 0

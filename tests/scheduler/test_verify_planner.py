@@ -175,3 +175,17 @@ def test_capacity_charges_drafting_time():
     policy.observe_draft_seconds(0.2)
     policy.verify_lengths([_decoding_request([0.5] * 7)] * 4, base_tokens=4)
     assert policy.last_capacity == 0 and policy.draft_positions() == 0
+
+
+def test_one_slow_drafting_pass_does_not_keep_the_drafter_resting():
+    """The first pass builds kernels (or a probe catches up context): the capacity search
+    charges the median recent pass, so a single slow one does not stop speculation."""
+    def flat(batch: int) -> float:
+        return 10.0
+
+    policy = ScheduledVerify(flat)
+    for seconds in (0.5, 0.01, 0.01):
+        policy.observe_draft_seconds(seconds)
+    assert policy.draft_seconds == 0.01
+    policy.verify_lengths([_decoding_request([0.5] * 7)] * 4, base_tokens=4)
+    assert policy.last_capacity > 0
