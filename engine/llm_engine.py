@@ -12,6 +12,7 @@ import torch
 from draft import Drafter, TargetHandle, make_drafter
 from engine.attention import FlashAttention, make_backend
 from engine.config import EngineConfig
+from engine.host_memory import tune_host_malloc
 from engine.kv_cache import PagedKVCache
 from engine.loader import build_model, load_checkpoint
 from engine.model_runner import ModelRunner
@@ -61,6 +62,7 @@ class LLMEngine:
         self.device = torch.device(config.device)
         if self.device.type == "cpu":
             torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
+            tune_host_malloc()
         dtype = config.torch_dtype
         t0 = time.perf_counter()
         ckpt = load_checkpoint(config.model)
