@@ -68,8 +68,9 @@ class LevelResult:
     median_itl_s: float
     median_e2e_s: float
     requests: list[RequestResult]
-    # From the server's /metrics over the level: mean draft tokens verified per request per
-    # step (DSpark's verify budget; NaN without speculation) and accepted per verified token.
+    # From the server's /metrics over the level: draft tokens verified per request per decode
+    # step, steps that verify nothing included (DSpark's verify budget, Fig. 8; 0 for plain
+    # decoding or a resting drafter), and accepted per verified token (NaN: none verified).
     avg_verify_tokens_per_request: float = math.nan
     acceptance_rate: float = math.nan
 
@@ -201,8 +202,12 @@ async def sweep(url: str, args: argparse.Namespace) -> tuple[str, list[LevelResu
         level = await run_level(url, headers, bodies, c, bar)
         after = await spec_counters(url)
         delta = {k: after[k] - before[k] for k in after}
-        if delta["verify_count"]:
-            level.avg_verify_tokens_per_request = delta["verify_sum"] / delta["verify_count"]
+        # every decode step of a request commits one token plus its accepted drafts; the
+        # first token comes from the prefill
+        decode_steps = sum(r.completion_tokens - 1 for r in level.requests if r.ok and r.completion_tokens)
+        decode_steps -= delta["accepted"]
+        if decode_steps > 0:
+            level.avg_verify_tokens_per_request = delta["verified"] / decode_steps
         if delta["verified"]:
             level.acceptance_rate = delta["accepted"] / delta["verified"]
         levels.append(level)
@@ -210,9 +215,7 @@ async def sweep(url: str, args: argparse.Namespace) -> tuple[str, list[LevelResu
     return model, levels
 
 
-_SPEC_SERIES = {"verify_sum": "dspark:spec_decode_verify_tokens_per_request_sum",
-                "verify_count": "dspark:spec_decode_verify_tokens_per_request_count",
-                "verified": "dspark:spec_decode_num_verify_tokens_total",
+_SPEC_SERIES = {"verified": "dspark:spec_decode_num_verify_tokens_total",
                 "accepted": "dspark:spec_decode_num_accepted_tokens_total"}
 
 

@@ -32,6 +32,7 @@ def test_bench_serve_writes_json_and_png(tiny_server, tmp_path):
         assert level["num_requests"] == 2 * level["concurrency"] and level["num_failed"] == 0
         assert level["aggregate_tok_s"] > 0 and level["median_per_user_tok_s"] > 0
         assert all(r["completion_tokens"] == 6 for r in level["requests"])
+        assert level["avg_verify_tokens_per_request"] == 0.0  # no drafter: nothing verified
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
