@@ -119,10 +119,57 @@ class DraftLayer(nn.Module):
         return x + self.down_proj(F.silu(gate) * up)
 
 
-def sample_draft(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One draft token per row of probs [R, V], drawn from exactly that row."""
-    return sample_rows(probs, torch.rand(probs.shape[0], device=probs.device, dtype=torch.float64,
-                                         generator=generator))
+def register_draft_vocab(model: nn.Module, size: int) -> None:
+    """The `draft_vocab` buffer of a drafter model (token ids, saved with its weights), or None."""
+    if size:
+        model.register_buffer("draft_vocab", torch.zeros(size, dtype=torch.long))
+    else:
+        model.draft_vocab = None
+
+
+def draft_vocab_head(weight: torch.Tensor, ids: torch.Tensor | None) -> nn.Module | None:
+    """A prepacked output layer computing only the draft vocabulary's rows of `weight`."""
+    if ids is None:
+        return None
+    head = linear_of_rows(weight, ids)
+    prepack_linears(head)
+    return head
+
+
+class DraftSampling:
+    """Left-to-right sampling of one batched draft: softmax(logits / T) with each request's
+    temperature T, the argmax for greedy requests (whose `draft_probs` are then None), logits
+    over the draft vocabulary `vocab_ids` when there is one. Every token is drawn from exactly
+    the row `proposals` reports (as a full-vocabulary row), which keeps verification lossless."""
+
+    def __init__(self, inputs: list[DraftInput], vocab_ids: torch.Tensor | None, vocab_size: int,
+                 generator: torch.Generator, device: torch.device) -> None:
+        self.temps = [x.temperature if x.temperature is not None else 1.0 for x in inputs]
+        self.greedy = torch.tensor([t == 0 for t in self.temps], device=device)
+        self.inv_t = torch.tensor([1.0 / t if t > 0 else 1.0 for t in self.temps], device=device)[:, None]
+        self.vocab_ids, self.vocab_size, self.generator = vocab_ids, vocab_size, generator
+        self.tokens: list[torch.Tensor] = []
+        self.probs: list[torch.Tensor] = []
+
+    def draw(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [R, V or draft vocabulary] -> the next draft token ids [R] (full vocabulary)."""
+        p = (logits * self.inv_t).softmax(-1)
+        u = torch.rand(p.shape[0], device=p.device, dtype=torch.float64, generator=self.generator)
+        tok = torch.where(self.greedy, logits.argmax(-1), sample_rows(p, u))
+        if self.vocab_ids is not None:
+            tok = self.vocab_ids[tok]
+        self.tokens.append(tok)
+        self.probs.append(p)
+        return tok
+
+    def proposals(self, confidences: list[torch.Tensor]) -> list[Proposal]:
+        tokens = torch.stack(self.tokens, 1).tolist()
+        probs = torch.stack(self.probs, 1).float()  # [R, n, V or draft vocabulary]
+        if self.vocab_ids is not None:  # the sampler compares full-vocabulary rows
+            probs = probs.new_zeros(*probs.shape[:2], self.vocab_size).index_copy_(2, self.vocab_ids, probs)
+        conf = torch.stack(confidences, 1).float().tolist()
+        return [Proposal(tokens[r], None if self.temps[r] == 0 else probs[r], conf[r])
+                for r in range(len(tokens))]
 
 
 def rotate(x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding) -> torch.Tensor:
@@ -152,10 +199,7 @@ class DSparkModel(nn.Module):
         self.head = make_head(head, cfg.vocab_size, cfg.head_rank, h)
         conf_dim = h + (cfg.head_rank if self.head is not None else 0)
         self.confidence = ConfidenceHead(conf_dim) if cfg.confidence else None
-        if cfg.draft_vocab_size:
-            self.register_buffer("draft_vocab", torch.zeros(cfg.draft_vocab_size, dtype=torch.long))
-        else:
-            self.draft_vocab: torch.Tensor | None = None
+        register_draft_vocab(self, cfg.draft_vocab_size)
         self._init_weights()
 
     @torch.no_grad()
@@ -305,16 +349,12 @@ class DSparkDrafter(LearnedDrafter):
         # a drafter trained for fewer positions (MTP: 1) proposes no more than it learned
         super().__init__(model, model.config.kind, min(num_draft_tokens, model.max_draft_tokens),
                          model.config.target_layers, model.target.device, seed)
+        prepack_linears(model)  # as the target's (a model trained further needs a new drafter)
         # the LM head and sequential-head output restricted to the draft vocabulary, if any
         ids = model.draft_vocab
-        self.vocab_ids = ids
-        self.lm_head = model.target.lm_head if ids is None else linear_of_rows(model.target.lm_head.weight, ids)
-        self.head_out = None if ids is None or model.head is None else linear_of_rows(model.head.out.weight, ids)
-        prepack_linears(model)  # as the target's (a model trained further needs a new drafter)
-        if ids is not None:
-            prepack_linears(self.lm_head)
-            if self.head_out is not None:
-                prepack_linears(self.head_out)
+        head = draft_vocab_head(model.target.lm_head.weight, ids)
+        self.lm_head = head if head is not None else model.target.lm_head
+        self.head_out = draft_vocab_head(model.head.out.weight, ids) if model.head is not None else None
 
     def _extend_context(self, inputs: list[DraftInput]) -> None:
         m = self.model
@@ -367,31 +407,18 @@ class DSparkDrafter(LearnedDrafter):
         n = self.num_positions(inputs)
         h = m.norm(x[:, :n])  # [R, n, hidden]
         base = self.lm_head(h.to(m.target.dtype)).float()  # [R, n, V or draft vocabulary]
-        temps = [x.temperature if x.temperature is not None else 1.0 for x in inputs]
-        greedy = torch.tensor([t == 0 for t in temps], device=device)
-        inv_t = torch.tensor([1.0 / t if t > 0 else 1.0 for t in temps], device=device)[:, None]
+        sampling = DraftSampling(inputs, m.draft_vocab, cfg.vocab_size, self.generator, device)
         sts = m.sts_temperatures(n, device)
         state = m.head.init_state(num, h) if m.head is not None else None
         prev = anchors
-        tokens, probs, conf = [], [], []
+        conf = []
         for k in range(n):
             logits = base[:, k]
             if m.head is not None:
                 bias, state = m.head.step(state, prev, h[:, k], self.head_out)
                 logits = logits + bias.float()
-            p = (logits * inv_t).softmax(-1)  # [R, V or draft vocabulary]
-            tok = torch.where(greedy, logits.argmax(-1), sample_draft(p, self.generator))
-            if self.vocab_ids is not None:
-                tok = self.vocab_ids[tok]
+            tok = sampling.draw(logits)
             c = m.confidence_logits(h[:, k], prev)
             conf.append(torch.sigmoid(c / sts[k]) if c is not None else torch.ones(num, device=device))
-            tokens.append(tok)
-            probs.append(p)
             prev = tok
-        tokens_t = torch.stack(tokens, 1).tolist()
-        probs_t = torch.stack(probs, 1).float()  # [R, γ, V or draft vocabulary]
-        if self.vocab_ids is not None:  # the sampler compares full-vocabulary rows
-            probs_t = probs_t.new_zeros(*probs_t.shape[:2], m.config.vocab_size).index_copy_(2, self.vocab_ids, probs_t)
-        conf_t = torch.stack(conf, 1).float().tolist()
-        return [Proposal(tokens_t[r], None if temps[r] == 0 else probs_t[r], conf_t[r])
-                for r in range(num)]
+        return sampling.proposals(conf)

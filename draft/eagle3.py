@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from draft.base import DraftInput, LearnedDrafter, Proposal, TargetHandle
-from draft.dspark import DSparkConfig, rotate, sample_draft
+from draft.dspark import DraftSampling, DSparkConfig, draft_vocab_head, register_draft_vocab, rotate
 from draft.heads import ConfidenceHead
 from engine.model import Linear, RMSNorm, RotaryEmbedding, prepack_linears
 
@@ -54,6 +54,7 @@ class Eagle3Model(nn.Module):
         self.norm = RMSNorm(h, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_positions, cfg.rope_theta)
         self.confidence = ConfidenceHead(h) if cfg.confidence else None
+        register_draft_vocab(self, cfg.draft_vocab_size)
         with torch.no_grad():
             for m in (self.fc, self.q_proj, self.kv_proj, self.o_proj, self.gate_up_proj, self.down_proj):
                 nn.init.normal_(m.weight, std=0.02)
@@ -89,9 +90,11 @@ class Eagle3Model(nn.Module):
         gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
         return x + self.down_proj(F.silu(gate) * up)
 
-    def logits_and_confidence(self, h: torch.Tensor):
+    def logits_and_confidence(self, h: torch.Tensor, lm_head: nn.Module | None = None):
+        """`lm_head`: a draft-vocabulary head instead of the target's."""
         flat = self.norm(h).reshape(-1, h.shape[-1]).to(self.target.dtype)
-        logits = self.target.lm_head(flat).float().view(*h.shape[:-1], -1)
+        head = lm_head if lm_head is not None else self.target.lm_head
+        logits = head(flat).float().view(*h.shape[:-1], -1)
         conf = self.confidence(h) if self.confidence is not None else None
         return logits, conf
 
@@ -159,6 +162,7 @@ class Eagle3Drafter(LearnedDrafter):
         super().__init__(model, "eagle3", num_draft_tokens, model.config.target_layers,
                          model.target.device, seed)
         prepack_linears(model)  # as the target's (a model trained further needs a new drafter)
+        self.lm_head = draft_vocab_head(model.target.lm_head.weight, model.draft_vocab)
 
     def _extend_context(self, inputs: list[DraftInput]) -> None:
         m = self.model
@@ -199,26 +203,16 @@ class Eagle3Drafter(LearnedDrafter):
         key_pos = torch.arange(l_max + gamma, device=device)
         g_prev = torch.stack([c.g_last for c in caches])  # [R, h]
         prev = torch.tensor([x.token_ids[-1] for x in inputs], device=device)
-        temps = [x.temperature if x.temperature is not None else 1.0 for x in inputs]
-        greedy = torch.tensor([t == 0 for t in temps], device=device)
-        inv_t = torch.tensor([1.0 / t if t > 0 else 1.0 for t in temps], device=device)[:, None]
+        sampling = DraftSampling(inputs, m.draft_vocab, m.config.vocab_size, self.generator, device)
         sts = m.sts_temperatures(gamma, device)
-        tokens, probs, conf = [], [], []
+        conf = []
         for j in range(self.num_positions(inputs)):
             q, k, v = m.qkv(m.layer_input(prev, g_prev)[:, None], (pos0 + j)[:, None])
             ks[:, l_max + j], vs[:, l_max + j] = k[:, 0], v[:, 0]
             vis = (key_pos[None, :] < pos0[:, None]) | ((key_pos[None, :] >= l_max) & (key_pos[None, :] <= l_max + j))
             h = m.finish(g_prev[:, None], q, ks, vs, vis[:, None, None])  # [R, 1, h]
-            logits, c = m.logits_and_confidence(h)
-            logits = logits[:, 0]
-            p = (logits * inv_t).softmax(-1)
-            sampled = sample_draft(p, self.generator)
-            tok = torch.where(greedy, logits.argmax(-1), sampled)
+            logits, c = m.logits_and_confidence(h, self.lm_head)
+            tok = sampling.draw(logits[:, 0])
             conf.append(torch.sigmoid(c[:, 0] / sts[j]) if c is not None else torch.ones(num, device=device))
-            tokens.append(tok)
-            probs.append(p)
             prev, g_prev = tok, h[:, 0]
-        tokens_t = torch.stack(tokens, 1).tolist()
-        probs_t = torch.stack(probs, 1).float()
-        conf_t = torch.stack(conf, 1).float().tolist()
-        return [Proposal(tokens_t[r], None if temps[r] == 0 else probs_t[r], conf_t[r]) for r in range(num)]
+        return sampling.proposals(conf)

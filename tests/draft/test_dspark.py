@@ -117,23 +117,26 @@ def test_confidence_sts_and_checkpoint_round_trip(llm, tmp_path):
     torch.testing.assert_close(torch.tensor(outs[0].confidences), expected, rtol=1e-4, atol=1e-5)
 
 
-def vocab_dspark(llm, head: str, size: int, **options):
-    """A tiny DSpark drafter with a random draft vocabulary of `size` tokens."""
-    model = tiny_dspark(llm, "dspark", head, draft_vocab_size=size, **options)
+def vocab_dspark(llm, head: str, size: int, kind: str = "dspark", **options):
+    """A tiny drafter with a random draft vocabulary of `size` tokens."""
+    model = tiny_dspark(llm, kind, head, draft_vocab_size=size, **options)
     ids = torch.randperm(model.config.vocab_size, generator=torch.Generator().manual_seed(3))[:size]
     model.draft_vocab.copy_(ids.sort().values)
     return model
 
 
 @pytest.mark.parametrize("kind,head", [("dspark", "rnn"), ("dflash", "markov"), ("mtp", "none"),
-                                       ("eagle3", "none"), ("dspark-vocab", "markov")])
+                                       ("eagle3", "none"), ("dspark-vocab", "markov"), ("eagle3-vocab", "none")])
 def test_greedy_lossless_batched(tiny_model_dir, llm, kind, head):
     prompts = random_prompts(8, seed=11)
     params = [SamplingParams(max_tokens=6 + 3 * (i % 4), temperature=0, ignore_eos=True) for i in range(8)]
     expected = {i: o.token_ids for i, o in enumerate(llm.generate(prompts, params))}
     # The drafter is random: losslessness must hold whatever it proposes (all of it verified;
     # the scheduled policy would rightly stop verifying a random drafter).
-    model = vocab_dspark(llm, head, 96, seed=5) if kind == "dspark-vocab" else tiny_dspark(llm, kind, head, seed=5)
+    if kind.endswith("-vocab"):
+        model = vocab_dspark(llm, head, 96, kind.removesuffix("-vocab"), seed=5)
+    else:
+        model = tiny_dspark(llm, kind, head, seed=5)
     spec = tiny_llm(tiny_model_dir, block_size=4, drafter=model.make_drafter(3), verify_policy="fixed")
     lengths = []
     execute = spec.engine.runner.execute
@@ -145,7 +148,7 @@ def test_greedy_lossless_batched(tiny_model_dir, llm, kind, head):
     spec.engine.runner.execute = recording
     assert run_staggered(spec, prompts, params, per_step=3) == expected
     assert any(len(set(step)) > 1 for step in lengths), "no step mixed verify lengths"
-    if kind in ("mtp", "dspark-vocab"):
+    if kind == "mtp" or kind.endswith("-vocab"):
         return  # with γ = 1 this pool does not run out: preemption is covered by the others
     # preemption (recompute) resets the drafter's context correctly
     small = tiny_llm(tiny_model_dir, block_size=4, num_blocks=30, max_num_batched_tokens=32, verify_policy="fixed",
@@ -294,3 +297,23 @@ def test_drafting_pass_time_excludes_resting_steps(llm):
     assert drafter.last_pass_seconds is None
     drafter.propose([DraftInput("r", seq, 11, feats[8:11], temperature=0.0)])
     assert drafter.last_pass_seconds is not None and drafter.last_pass_seconds > 0
+
+
+def test_eagle3_draft_vocabulary_renormalises_its_distribution(llm):
+    """EAGLE-3 with a draft vocabulary draws its first token from the full drafter's
+    distribution restricted to the vocabulary and renormalised (same weights), zero elsewhere."""
+    full = tiny_dspark(llm, "eagle3", "none", block_size=4)
+    restricted = vocab_dspark(llm, "none", 40, "eagle3", block_size=4)
+    ids = restricted.draft_vocab
+    seq = [(9 * i + 4) % 250 + 3 for i in range(17)]
+    feats = _context_of(llm, seq, full.config.target_layers)
+    a = len(seq) - 1
+    x = DraftInput("r", seq, a, feats[:a], temperature=0.8)
+    p_full = full.make_drafter(4).propose([x])[0]
+    p_voc = restricted.make_drafter(4).propose([x])[0]
+    assert set(p_voc.draft_token_ids) <= set(ids.tolist())
+    row = p_full.draft_probs[0, ids]
+    torch.testing.assert_close(p_voc.draft_probs[0, ids], row / row.sum(), rtol=1e-4, atol=1e-6)
+    assert p_voc.draft_probs.sum() == pytest.approx(4.0, rel=1e-4)  # rows sum to one over the vocabulary
+    greedy = restricted.make_drafter(4).propose([DraftInput("r", seq, a, feats[:a], temperature=0.0)])[0]
+    assert greedy.draft_token_ids[0] == int(ids[row.argmax()])
