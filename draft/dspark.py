@@ -147,27 +147,33 @@ class DraftSampling:
         self.temps = [x.temperature if x.temperature is not None else 1.0 for x in inputs]
         self.greedy = torch.tensor([t == 0 for t in self.temps], device=device)
         self.inv_t = torch.tensor([1.0 / t if t > 0 else 1.0 for t in self.temps], device=device)[:, None]
+        self.all_greedy = all(t == 0 for t in self.temps)  # no distribution is needed then
         self.vocab_ids, self.vocab_size, self.generator = vocab_ids, vocab_size, generator
         self.tokens: list[torch.Tensor] = []
         self.probs: list[torch.Tensor] = []
 
     def draw(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [R, V or draft vocabulary] -> the next draft token ids [R] (full vocabulary)."""
-        p = (logits * self.inv_t).softmax(-1)
-        u = torch.rand(p.shape[0], device=p.device, dtype=torch.float64, generator=self.generator)
-        tok = torch.where(self.greedy, logits.argmax(-1), sample_rows(p, u))
+        if self.all_greedy:
+            tok = logits.argmax(-1)
+        else:
+            p = (logits * self.inv_t).softmax(-1)
+            u = torch.rand(p.shape[0], device=p.device, dtype=torch.float64, generator=self.generator)
+            tok = torch.where(self.greedy, logits.argmax(-1), sample_rows(p, u))
+            self.probs.append(p)
         if self.vocab_ids is not None:
             tok = self.vocab_ids[tok]
         self.tokens.append(tok)
-        self.probs.append(p)
         return tok
 
     def proposals(self, confidences: list[torch.Tensor]) -> list[Proposal]:
         tokens = torch.stack(self.tokens, 1).tolist()
+        conf = torch.stack(confidences, 1).float().tolist()
+        if self.all_greedy:
+            return [Proposal(tokens[r], None, conf[r]) for r in range(len(tokens))]
         probs = torch.stack(self.probs, 1).float()  # [R, n, V or draft vocabulary]
         if self.vocab_ids is not None:  # the sampler compares full-vocabulary rows
             probs = probs.new_zeros(*probs.shape[:2], self.vocab_size).index_copy_(2, self.vocab_ids, probs)
-        conf = torch.stack(confidences, 1).float().tolist()
         return [Proposal(tokens[r], None if self.temps[r] == 0 else probs[r], conf[r])
                 for r in range(len(tokens))]
 
@@ -231,11 +237,13 @@ class DSparkModel(nn.Module):
         rest = self.mask_embedding.expand(anchor_ids.shape[0], block - 1, -1)
         return torch.cat([emb[:, None], rest], dim=1)
 
-    def base_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Backbone hidden [..., hidden] -> U [..., vocab] in fp32 via the shared LM head."""
+    def base_logits(self, h: torch.Tensor, lm_head: nn.Module | None = None) -> torch.Tensor:
+        """Backbone hidden [..., hidden] -> U [..., vocab] in fp32 via the shared LM head (or
+        `lm_head`, a draft-vocabulary head: U [..., its rows])."""
         shape = h.shape[:-1]
         flat = h.reshape(-1, h.shape[-1]).to(self.target.dtype)
-        return self.target.lm_head(flat).float().view(*shape, -1)
+        head = lm_head if lm_head is not None else self.target.lm_head
+        return head(flat).float().view(*shape, -1)
 
     def confidence_logits(self, h: torch.Tensor, prev_ids: torch.Tensor) -> torch.Tensor | None:
         """h [..., hidden], prev_ids [...] -> confidence logits [...] (before STS)."""
@@ -352,8 +360,7 @@ class DSparkDrafter(LearnedDrafter):
         prepack_linears(model)  # as the target's (a model trained further needs a new drafter)
         # the LM head and sequential-head output restricted to the draft vocabulary, if any
         ids = model.draft_vocab
-        head = draft_vocab_head(model.target.lm_head.weight, ids)
-        self.lm_head = head if head is not None else model.target.lm_head
+        self.lm_head = draft_vocab_head(model.target.lm_head.weight, ids)
         self.head_out = draft_vocab_head(model.head.out.weight, ids) if model.head is not None else None
 
     def _extend_context(self, inputs: list[DraftInput]) -> None:
@@ -406,7 +413,7 @@ class DSparkDrafter(LearnedDrafter):
         # (what the verify plan can use) pay for LM-head rows and the sequential head
         n = self.num_positions(inputs)
         h = m.norm(x[:, :n])  # [R, n, hidden]
-        base = self.lm_head(h.to(m.target.dtype)).float()  # [R, n, V or draft vocabulary]
+        base = m.base_logits(h, self.lm_head)  # [R, n, V or draft vocabulary]
         sampling = DraftSampling(inputs, m.draft_vocab, cfg.vocab_size, self.generator, device)
         sts = m.sts_temperatures(n, device)
         state = m.head.init_state(num, h) if m.head is not None else None
