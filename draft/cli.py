@@ -14,22 +14,36 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dspark draft", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("data", help="generate target responses and the target hidden-state cache")
+    d = sub.add_parser("data", help="generate on-policy target responses (token ids)")
     d.add_argument("--prompts", nargs="+", default=DEFAULT_TRAIN_PROMPTS)
-    d.add_argument("--out", required=True, help="data directory (responses.jsonl, cache/)")
+    d.add_argument("--out", required=True, help="data directory (responses.jsonl)")
     d.add_argument("--model", default=None)
     d.add_argument("--dtype", default="bfloat16")
-    d.add_argument("--max-prompts-per-file", type=int, default=160)
+    d.add_argument("--max-prompts-per-file", type=int, default=None)
     d.add_argument("--max-prompt-tokens", type=int, default=384)
     d.add_argument("--max-new-tokens", type=int, default=192)
-    d.add_argument("--samples-per-prompt", type=int, default=1)
-    d.add_argument("--temperature", type=float, default=0.2)
-    d.add_argument("--top-p", type=float, default=0.9)
+    d.add_argument("--temperatures", default="0,0.7,1.0",
+                   help="comma-separated; each conversation draws one")
+    d.add_argument("--top-p", type=float, default=1.0)
     d.add_argument("--heldout-fraction", type=float, default=0.1)
     d.add_argument("--batch-size", type=int, default=64)
+    d.add_argument("--max-response-tokens", type=int, default=None,
+                   help="start no new conversation once this many response tokens exist")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--target-layers", default="1,8,15,22,29", help="layers to cache")
-    d.add_argument("--no-cache", action="store_true", help="only generate responses")
+    d.add_argument("--pack", default=None, help="also write the compact token file here at the end")
+
+    k = sub.add_parser("pack", help="write the responses as a compact token file (.npz)")
+    k.add_argument("--data", required=True, help="data directory (responses.jsonl)")
+    k.add_argument("--out", required=True, help=".npz path (committed)")
+
+    b = sub.add_parser("cache", help="build the target cache (one prefill pass) from token ids")
+    b.add_argument("--tokens", required=True,
+                   help="packed token file (.npz) or a data directory with responses.jsonl")
+    b.add_argument("--data", required=True, help="data directory to write (its cache/)")
+    b.add_argument("--model", default=None)
+    b.add_argument("--dtype", default="bfloat16")
+    b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--target-layers", default="1,8,15,22,29", help="layers to cache")
 
     t = sub.add_parser("train", help="train a drafter on a data directory")
     t.add_argument("--data", required=True)
@@ -52,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--stop-step", type=int, default=None,
                    help="stop (and save) at this step; the schedule still spans --steps")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--loss", default=None,
+                   help='JSON of loss weight overrides, e.g. {"ce": 0.1, "tv": 0.9, "kl": 0.0}')
+    t.add_argument("--kl-warmup", type=int, default=0, help="steps of forward KL alone first")
+    t.add_argument("--draft-vocab-size", type=int, default=16384,
+                   help="propose among this many most frequent tokens (0: the whole vocabulary)")
 
     c = sub.add_parser("calibrate", help="Sequential Temperature Scaling on the held-out split")
     c.add_argument("--data", required=True)
@@ -92,12 +111,31 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = DataConfig(tuple(args.prompts), args.out, args.model, args.dtype,
                          args.max_prompts_per_file, args.max_prompt_tokens, args.max_new_tokens,
-                         args.samples_per_prompt, args.temperature, args.top_p,
-                         args.heldout_fraction, args.batch_size, args.seed)
-        layers = None if args.no_cache else tuple(int(x) for x in args.target_layers.split(","))
-        generate(cfg, layers)
+                         tuple(float(t) for t in args.temperatures.split(",")), args.top_p,
+                         args.heldout_fraction, args.batch_size, args.max_response_tokens, args.seed)
+        generate(cfg)
+        if args.pack:
+            from draft.training.tokens import pack
+
+            print(json.dumps(pack(args.out, args.pack)))
+        return 0
+    if args.command == "pack":
+        from draft.training.tokens import pack
+
+        print(json.dumps(pack(args.data, args.out)))
+        return 0
+    if args.command == "cache":
+        from draft.training.cache import build_cache
+        from draft.training.data import read_responses
+        from draft.training.tokens import unpack
+
+        src = Path(args.tokens)
+        rows = unpack(src) if src.suffix == ".npz" else read_responses(src)
+        layers = tuple(int(x) for x in args.target_layers.split(","))
+        build_cache(rows, Path(args.data) / "cache", args.model, layers, args.dtype, args.batch_size)
         return 0
     if args.command == "train":
+        from draft.training.losses import LossWeights
         from draft.training.trainer import TrainConfig, train
 
         overrides = json.loads(args.config) if args.config else {}
@@ -107,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
                           lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
                           clip=args.clip, dtype=args.dtype, device=args.device,
                           save_every=args.save_every, log_every=args.log_every,
-                          max_minutes=args.max_minutes, stop_step=args.stop_step, seed=args.seed)
+                          max_minutes=args.max_minutes, stop_step=args.stop_step, seed=args.seed,
+                          loss=LossWeights(**json.loads(args.loss or "{}")), kl_warmup=args.kl_warmup,
+                          draft_vocab_size=args.draft_vocab_size)
         train(cfg)
         return 0
     if args.command == "calibrate":

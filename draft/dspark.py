@@ -56,7 +56,7 @@ class DSparkConfig:
     target_model: str = ""  # the target this drafter was trained against (informational)
     # Draft vocabulary: at inference, propose only among this many tokens (the most frequent in
     # the target's training responses; ids in the `draft_vocab` buffer); 0: all. It saves most
-    # of a draft's LM-head, softmax and sampling cost; training always uses the full vocabulary.
+    # of a draft's LM-head, softmax and sampling cost. Training then computes logits over it too.
     draft_vocab_size: int = 0
 
     def to_json(self) -> dict:
@@ -125,6 +125,14 @@ def register_draft_vocab(model: nn.Module, size: int) -> None:
         model.register_buffer("draft_vocab", torch.zeros(size, dtype=torch.long))
     else:
         model.draft_vocab = None
+
+
+def vocab_logits(h: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor | None,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """Training logits [..., V or len(rows)] fp32 of hidden h [..., hidden] through the frozen
+    shared LM head `weight`, only its draft-vocabulary `rows` when given."""
+    w = weight if rows is None else weight.index_select(0, rows)
+    return F.linear(h.to(dtype), w.to(dtype)).float()
 
 
 def draft_vocab_head(weight: torch.Tensor, ids: torch.Tensor | None) -> nn.Module | None:
@@ -316,10 +324,11 @@ class DSparkModel(nn.Module):
     def teacher_forced(self, h: torch.Tensor, prev_ids: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """h [N, γ, hidden], prev_ids [N, γ] (anchor, then true tokens) -> (draft logits
-        [N, γ, vocab] fp32, confidence logits [N, γ] or None)."""
-        logits = self.base_logits(h)
+        [N, γ, vocab or draft vocabulary] fp32, confidence logits [N, γ] or None)."""
+        rows = self.draft_vocab
+        logits = vocab_logits(h, self.target.lm_head.weight, rows, self.target.dtype)
         if self.head is not None:
-            logits = logits + self.head.teacher_forced(prev_ids, h).float()
+            logits = logits + self.head.teacher_forced(prev_ids, h, rows).float()
         return logits, self.confidence_logits(h, prev_ids)
 
 

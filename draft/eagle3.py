@@ -21,7 +21,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from draft.base import DraftInput, LearnedDrafter, Proposal, TargetHandle
-from draft.dspark import DraftSampling, DSparkConfig, draft_vocab_head, register_draft_vocab, rotate
+from draft.dspark import (
+    DraftSampling,
+    DSparkConfig,
+    draft_vocab_head,
+    register_draft_vocab,
+    rotate,
+    vocab_logits,
+)
 from draft.heads import ConfidenceHead
 from engine.model import Linear, RMSNorm, RotaryEmbedding, prepack_linears
 
@@ -91,10 +98,14 @@ class Eagle3Model(nn.Module):
         return x + self.down_proj(F.silu(gate) * up)
 
     def logits_and_confidence(self, h: torch.Tensor, lm_head: nn.Module | None = None):
-        """`lm_head`: a draft-vocabulary head instead of the target's."""
-        flat = self.norm(h).reshape(-1, h.shape[-1]).to(self.target.dtype)
-        head = lm_head if lm_head is not None else self.target.lm_head
-        logits = head(flat).float().view(*h.shape[:-1], -1)
+        """`lm_head`: a draft-vocabulary head instead of the target's. Without one (training),
+        logits cover the draft vocabulary when the drafter has one."""
+        if lm_head is None and self.draft_vocab is not None:
+            logits = vocab_logits(self.norm(h), self.target.lm_head.weight, self.draft_vocab, self.target.dtype)
+        else:
+            flat = self.norm(h).reshape(-1, h.shape[-1]).to(self.target.dtype)
+            head = lm_head if lm_head is not None else self.target.lm_head
+            logits = head(flat).float().view(*h.shape[:-1], -1)
         conf = self.confidence(h) if self.confidence is not None else None
         return logits, conf
 

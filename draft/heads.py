@@ -12,6 +12,7 @@ position at a time after sampling the previous token).
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from engine.model import Linear
@@ -37,12 +38,22 @@ class SequentialHead(nn.Module):
         e.g. by its rows of a draft vocabulary (then bias is [N, len(rows)])."""
         raise NotImplementedError
 
-    def teacher_forced(self, prev_ids: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """prev_ids [N, γ] (anchor then the true tokens), h [N, γ, hidden] -> bias [N, γ, vocab]."""
+    def output_rows(self, rows: torch.Tensor | None):
+        """W2, or a trainable function computing only its `rows` (a draft vocabulary)."""
+        if rows is None:
+            return self.out
+        weight = self.out.weight.index_select(0, rows)
+        return lambda x: F.linear(x, weight)
+
+    def teacher_forced(self, prev_ids: torch.Tensor, h: torch.Tensor,
+                       rows: torch.Tensor | None = None) -> torch.Tensor:
+        """prev_ids [N, γ] (anchor then the true tokens), h [N, γ, hidden] -> bias [N, γ, vocab]
+        (or [N, γ, len(rows)])."""
+        out = self.output_rows(rows)
         state = self.init_state(prev_ids.shape[0], h)
         biases = []
         for k in range(prev_ids.shape[1]):
-            bias, state = self.step(state, prev_ids[:, k], h[:, k])
+            bias, state = self.step(state, prev_ids[:, k], h[:, k], out)
             biases.append(bias)
         return torch.stack(biases, dim=1)
 
@@ -53,8 +64,8 @@ class MarkovHead(SequentialHead):
     def step(self, state, prev_ids, h, out=None):
         return (out if out is not None else self.out)(self.prev_embed(prev_ids)), None
 
-    def teacher_forced(self, prev_ids, h):
-        return self.out(self.prev_embed(prev_ids))  # position-wise: no recurrence
+    def teacher_forced(self, prev_ids, h, rows=None):
+        return self.output_rows(rows)(self.prev_embed(prev_ids))  # position-wise: no recurrence
 
 
 class RNNHead(SequentialHead):

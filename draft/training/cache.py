@@ -1,9 +1,11 @@
 """Target cache: hidden states of the chosen target layers (and the final normed hidden state,
 from which target logits are recomputed with the shared LM head) for every generated sequence.
 
-They are captured while the target generates the responses (`FeatureRecorder`, an engine
-drafter that proposes nothing), so the cache costs no second forward pass. Stored in bf16
-safetensors shards with a `manifest.json` that lists finished shards only (resume point).
+`build_cache` rebuilds it from token ids alone (the committed token file or a responses file):
+one prefill pass of each whole sequence through our engine, with `FeatureRecorder` (an engine
+drafter that proposes nothing) capturing the features. Stored as bf16 torch shards that load
+memory-mapped (a cache of millions of positions is tens of GB: training reads only the rows
+it samples), with a `manifest.json` that lists finished shards only (the resume point).
 The last cached layer must be the target's last layer: `final` = final_norm(its output).
 A shard holds whole sequences, concatenated:
 `features` [T, len(layers) * hidden], `final` [T, hidden], `token_ids` [T], `offsets` [n + 1].
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 from draft.base import EMPTY_PROPOSAL, Drafter, DraftInput, Proposal
 
@@ -31,9 +33,16 @@ class Sequence:
     split: str
     num_prompt_tokens: int
     token_ids: torch.Tensor  # [T] int64
-    features: torch.Tensor  # [T, F] bf16
+    cached_features: torch.Tensor  # [T, F_cache] bf16, memory-mapped
     final: torch.Tensor  # [T, hidden] bf16
     dataset: str = ""
+    columns: torch.Tensor | None = None  # of the requested layers in F_cache (None: all)
+
+    @property
+    def features(self) -> torch.Tensor:
+        """[T, F] the requested layers' features (read from the shard on access)."""
+        f = self.cached_features
+        return f if self.columns is None else f.index_select(1, self.columns)
 
 
 class FeatureRecorder(Drafter):
@@ -91,14 +100,15 @@ class CacheWriter:
         layer_last = len(self.manifest["target_layers"]) - 1
         hidden = self.manifest["hidden_size"]
         ids = [torch.tensor((r["prompt_ids"] + r["response_ids"])[:f.shape[0]]) for r, f in zip(rows, features)]
+        assert all(len(i) == f.shape[0] for i, f in zip(ids, features))
         offsets = torch.tensor([0] + [len(i) for i in ids]).cumsum(0)
         feats = torch.cat(features)
         with torch.no_grad():
             last = feats[:, layer_last * hidden:(layer_last + 1) * hidden]
             final = final_norm(last.to(final_norm.weight.dtype)).to(torch.bfloat16)
-        name = f"shard-{len(self.manifest['shards']):05d}.safetensors"
-        save_file({"token_ids": torch.cat(ids).to(torch.int32), "offsets": offsets,
-                   "features": feats.contiguous(), "final": final.contiguous()}, str(self.dir / name))
+        name = f"shard-{len(self.manifest['shards']):05d}.pt"
+        torch.save({"token_ids": torch.cat(ids).to(torch.int32), "offsets": offsets,
+                    "features": feats.contiguous(), "final": final.contiguous()}, self.dir / name)
         self.manifest["shards"].append({
             "file": name, "keys": [r["key"] for r in rows], "splits": [r["split"] for r in rows],
             "datasets": [r["dataset"] for r in rows],
@@ -129,8 +139,8 @@ def load_sequences(cache_dir: str | Path, split: str | None = None,
         cols = torch.cat([torch.arange(hidden) + cached.index(i) * hidden for i in layers])
     out = []
     for shard in manifest["shards"]:
-        tensors = load_file(str(cache / shard["file"]))
-        feats = tensors["features"] if cols is None else tensors["features"].index_select(1, cols)
+        tensors = torch.load(cache / shard["file"], mmap=True, weights_only=True)
+        feats = tensors["features"]
         offsets = tensors["offsets"].tolist()
         for j, key in enumerate(shard["keys"]):
             if split is not None and shard["splits"][j] != split:
@@ -138,5 +148,47 @@ def load_sequences(cache_dir: str | Path, split: str | None = None,
             a, b = offsets[j], offsets[j + 1]
             out.append(Sequence(key, shard["splits"][j], shard["num_prompt_tokens"][j],
                                 tensors["token_ids"][a:b].long(), feats[a:b], tensors["final"][a:b],
-                                shard["datasets"][j]))
+                                shard["datasets"][j], cols))
     return out
+
+
+def build_cache(rows: list[dict], cache_dir: str | Path, model: str | None = None,
+                layers: tuple[int, ...] = DEFAULT_CACHE_LAYERS, dtype: str = "bfloat16",
+                batch_size: int = 32, shard_tokens: int = 200_000) -> Path:
+    """Prefill every row's prompt + response through the target and cache its features; rows
+    already in the cache are skipped (resume). Returns the cache directory."""
+    from engine import LLM, SamplingParams
+
+    recorder = FeatureRecorder(layers)
+    llm = LLM(model=model, dtype=dtype, max_num_seqs=batch_size, max_num_batched_tokens=4096,
+              drafter=recorder)
+    eng = llm.engine
+    if layers[-1] != eng.arch.num_layers - 1:
+        raise ValueError(f"the last cached layer must be the target's last ({eng.arch.num_layers - 1})")
+    writer = CacheWriter(cache_dir, layers, eng.arch.hidden_size)
+    done = writer.done_keys()
+    todo = [r for r in rows if r["key"] not in done]
+    logger.info("%d sequences in all, %d already cached", len(rows), len(rows) - len(todo))
+    bar = tqdm(total=sum(len(r["prompt_ids"]) + len(r["response_ids"]) for r in rows),
+               initial=sum(len(r["prompt_ids"]) + len(r["response_ids"]) for r in rows if r["key"] in done),
+               desc="draft cache", unit="tok")
+    params = SamplingParams(max_tokens=1, temperature=0.0)
+    pending = list(reversed(todo))
+    in_flight: dict[str, dict] = {}
+    rows_out, feats_out, num = [], [], 0
+    while pending or in_flight:
+        while pending and len(in_flight) < batch_size:
+            row = pending.pop()
+            in_flight[eng.add_request(row["prompt_ids"] + row["response_ids"], params)] = row
+        for res in eng.step():
+            if res.finished:
+                row = in_flight.pop(res.req_id)
+                rows_out.append(row)
+                feats_out.append(recorder.pop(res.req_id))
+                num += feats_out[-1].shape[0]
+                bar.update(feats_out[-1].shape[0])
+        if num >= shard_tokens or (not pending and not in_flight):
+            writer.write(rows_out, feats_out, eng.model.norm)
+            rows_out, feats_out, num = [], [], 0
+    bar.close()
+    return Path(cache_dir)

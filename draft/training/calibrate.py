@@ -97,14 +97,11 @@ def collect(model, target, seqs, max_blocks: int | None, seed: int, anchors_per_
     the number of responses, not of blocks, bounds how well a 15-bin ECE is measured."""
     batch_seqs = max(1, 64 // anchors_per_seq)  # ~64 blocks per forward bounds the [N, γ, V] logits
     from draft.training.losses import acceptance_labels, tv_distance
-    from draft.training.trainer import make_batch
+    from draft.training.trainer import make_batch, target_probs
 
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
-    outside = None
-    if getattr(model, "draft_vocab", None) is not None:
-        outside = torch.ones(model.config.vocab_size, dtype=torch.bool, device=device)
-        outside[model.draft_vocab] = False
+    rows = getattr(model, "draft_vocab", None)  # logits cover the draft vocabulary only
     logits_all, accept_all = [], []
     count = 0
     for start in range(0, len(seqs), batch_seqs):
@@ -114,13 +111,7 @@ def collect(model, target, seqs, max_blocks: int | None, seed: int, anchors_per_
                 batch["token_ids"], batch["features"], batch["num_tokens"], batch["anchors"], batch["keep"])
         if conf is None:
             raise ValueError("this drafter has no confidence head")
-        if outside is not None:  # the drafter proposes from its draft vocabulary only
-            d_logits = d_logits.masked_fill(outside, float("-inf"))
-        bsz = label_pos.shape[0]
-        flat = label_pos.reshape(bsz, -1)
-        final = batch["final"].gather(1, flat[..., None].expand(-1, -1, batch["final"].shape[-1]))
-        t_logits = target.lm_head(final.reshape(-1, final.shape[-1]).to(target.dtype)).float()
-        accept = acceptance_labels(tv_distance(d_logits, t_logits.view(*label_pos.shape, -1)))
+        accept = acceptance_labels(tv_distance(d_logits, target_probs(target, batch["final"], label_pos, rows)))
         full = mask.all(-1)
         logits_all.append(conf[full].float())
         accept_all.append(accept[full].float())

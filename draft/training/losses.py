@@ -3,9 +3,16 @@
 For draft position k (0-based) of a block, with draft distribution p_d,k and the target's p_t,k:
 - CE against the target's sampled next token,
 - TV term ‖p_d,k − p_t,k‖₁ (the paper's L1 form, in [0, 2]),
+- optionally forward KL(p_t ‖ p_d) (as the soft cross-entropy −Σ p_t log p_d; a warm start
+  whose gradient reaches every token, where TV's only pushes the mismatched ones),
 - BCE of the confidence logit against the soft label c*_k = 1 − ½‖p_d,k − p_t,k‖₁ (the exact
   probability that x_k ~ p_d is accepted by rejection sampling against p_t; detached),
 each weighted by w_k = exp(−k/γ') and averaged over supervised positions.
+
+A drafter with a draft vocabulary V' has logits over V' only. The target's probabilities are
+then its full-vocabulary ones restricted to V' (not renormalised): the mass 1 − p_t(V') it puts
+outside is a constant part of ‖p_d − p_t‖₁, and Σ min(p_d, p_t) stays the exact acceptance.
+Labels outside V' (index −1) drop out of the CE term.
 """
 
 from dataclasses import dataclass
@@ -20,6 +27,7 @@ class LossWeights:
     tv: float = 0.9
     confidence: float = 1.0
     decay: float = 4.0  # γ' of exp(-k/γ'); <= 0 disables the decay
+    kl: float = 0.0
 
 
 def decay_weights(block: int, decay: float, device: torch.device | None = None) -> torch.Tensor:
@@ -28,9 +36,12 @@ def decay_weights(block: int, decay: float, device: torch.device | None = None) 
     return torch.exp(-k / decay) if decay > 0 else torch.ones_like(k)
 
 
-def tv_distance(draft_logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
-    """‖softmax(d) − softmax(t)‖₁ per row: [..., V] x [..., V] -> [...]."""
-    return (draft_logits.float().softmax(-1) - target_logits.float().softmax(-1)).abs().sum(-1)
+def tv_distance(draft_logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    """‖softmax(d) − p_t‖₁ per row over the full vocabulary, where `target_probs` may cover only
+    the drafter's columns (summing to p_t(V') <= 1): [..., V'] x [..., V'] -> [...]."""
+    p_t = target_probs.float()
+    outside = (1.0 - p_t.sum(-1)).clamp(min=0.0)
+    return (draft_logits.float().softmax(-1) - p_t).abs().sum(-1) + outside
 
 
 def acceptance_labels(tv: torch.Tensor) -> torch.Tensor:
@@ -38,20 +49,29 @@ def acceptance_labels(tv: torch.Tensor) -> torch.Tensor:
     return (1.0 - 0.5 * tv).clamp(0.0, 1.0)
 
 
-def drafter_loss(draft_logits: torch.Tensor, target_logits: torch.Tensor, labels: torch.Tensor,
+def drafter_loss(draft_logits: torch.Tensor, target_probs: torch.Tensor, labels: torch.Tensor,
                  mask: torch.Tensor, confidence_logits: torch.Tensor | None,
                  weights: LossWeights = LossWeights()) -> tuple[torch.Tensor, dict[str, float]]:
-    """draft/target logits [..., γ, V], labels/mask [..., γ], confidence logits [..., γ] ->
-    (loss, metrics: ce, tv, bce, acceptance per token, mean confidence)."""
+    """draft logits and target probabilities [..., γ, V'], labels (column index, −1 outside V')
+    and mask [..., γ], confidence logits [..., γ] -> (loss, metrics: ce, tv, kl, bce, acceptance
+    per token, mean confidence)."""
     block = draft_logits.shape[-2]
     w = decay_weights(block, weights.decay, draft_logits.device) * mask.float()  # [..., γ]
     den = w.sum().clamp(min=1e-6)
-    ce = F.cross_entropy(draft_logits.float().flatten(0, -2), labels.flatten(), reduction="none")
-    ce = (ce.view_as(w) * w).sum() / den
-    tv = tv_distance(draft_logits, target_logits)
+    log_p = draft_logits.float().log_softmax(-1)
+    known = labels >= 0
+    w_ce = w * known.float()
+    ce = -log_p.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    ce = (ce * w_ce).sum() / w_ce.sum().clamp(min=1e-6)
+    tv = tv_distance(draft_logits, target_probs)
     loss_tv = (tv * w).sum() / den
     loss = weights.ce * ce + weights.tv * loss_tv
     metrics = {"ce": float(ce.detach()), "tv": float(loss_tv.detach())}
+    if weights.kl > 0:
+        kl = -(target_probs.float() * log_p).sum(-1)  # KL(p_t || p_d) up to a constant
+        kl = (kl * w).sum() / den
+        loss = loss + weights.kl * kl
+        metrics["kl"] = float(kl.detach())
     accept = acceptance_labels(tv.detach())
     m = mask.float()
     metrics["accept"] = float((accept * m).sum() / m.sum().clamp(min=1))

@@ -22,6 +22,7 @@ from draft.checkpoint import build_model, save_drafter
 from draft.training.anchors import sample_anchors
 from draft.training.cache import Sequence, load_sequences
 from draft.training.losses import LossWeights, drafter_loss
+from draft.training.vocab import top_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,10 @@ class TrainConfig:
     stop_step: int | None = None  # stop (and save) here without changing the LR schedule
     seed: int = 0
     loss: LossWeights = field(default_factory=LossWeights)
+    # steps of forward KL alone (the confidence BCE kept) before `loss` takes over
+    kl_warmup: int = 0
+    # the draft vocabulary: the most frequent tokens of the training sequences (0: all)
+    draft_vocab_size: int = 16384
 
 
 def load_target(model: str | None, device: str, dtype: torch.dtype) -> tuple[TargetHandle, str]:
@@ -96,20 +101,45 @@ def make_batch(seqs: list[Sequence], anchors_per_seq: int, gen: torch.Generator,
             "num_tokens": torch.tensor(lengths, **to), "anchors": anchors.to(**to), "keep": keep.to(**to)}
 
 
+def target_probs(target: TargetHandle, final: torch.Tensor, label_pos: torch.Tensor,
+                 rows: torch.Tensor | None) -> torch.Tensor:
+    """The target's probabilities at every label position, over the full vocabulary or only its
+    `rows` (not renormalised): final [B, S, hidden], label_pos [B, N, γ] -> [B, N, γ, V'].
+
+    Overlapping blocks share label positions (γ blocks cover each one), so the target's LM head
+    and softmax run once per distinct position of each sequence."""
+    bsz, seq = final.shape[:2]
+    flat = (label_pos + seq * torch.arange(bsz, device=label_pos.device).view(-1, 1, 1)).reshape(-1)
+    uniq, inverse = torch.unique(flat, return_inverse=True)  # distinct (sequence, position) rows
+    h = final.reshape(bsz * seq, -1).index_select(0, uniq)
+    with torch.no_grad():
+        logp = target.lm_head(h.to(target.dtype)).float().log_softmax(-1)  # [U, V]
+        if rows is not None:
+            logp = logp.index_select(1, rows)
+        probs = logp.exp()
+    return probs.index_select(0, inverse).view(*label_pos.shape, -1)
+
+
+def label_columns(labels: torch.Tensor, rows: torch.Tensor | None, vocab_size: int) -> torch.Tensor:
+    """Token ids -> their column among the draft vocabulary `rows` (−1 when outside it)."""
+    if rows is None:
+        return labels
+    column = torch.full((vocab_size,), -1, dtype=torch.long, device=labels.device)
+    column[rows] = torch.arange(rows.numel(), device=labels.device)
+    return column[labels]
+
+
 def compute_loss(model, target: TargetHandle, batch: dict, weights: LossWeights, autocast: bool):
     device = batch["token_ids"].device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         logits, conf, label_pos, mask = model.train_forward(
             batch["token_ids"], batch["features"], batch["num_tokens"], batch["anchors"], batch["keep"])
-    bsz = label_pos.shape[0]
-    flat_pos = label_pos.reshape(bsz, -1)
-    with torch.no_grad():
-        final = batch["final"].gather(1, flat_pos[..., None].expand(-1, -1, batch["final"].shape[-1]))
-        target_logits = target.lm_head(final.reshape(-1, final.shape[-1]).to(target.dtype)).float()
-        target_logits = target_logits.view(*label_pos.shape, -1)
-        next_pos = (flat_pos + 1).clamp(max=batch["token_ids"].shape[1] - 1)
-        labels = batch["token_ids"].gather(1, next_pos).view_as(label_pos)
-    return drafter_loss(logits, target_logits, labels, mask, conf, weights)
+    rows = getattr(model, "draft_vocab", None)
+    probs = target_probs(target, batch["final"], label_pos, rows)
+    next_pos = (label_pos + 1).clamp(max=batch["token_ids"].shape[1] - 1)
+    labels = batch["token_ids"].gather(1, next_pos.reshape(label_pos.shape[0], -1)).view_as(label_pos)
+    labels = label_columns(labels, rows, target.vocab_size)
+    return drafter_loss(logits, probs, labels, mask, conf, weights)
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -119,6 +149,7 @@ def train(cfg: TrainConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     target, target_name = load_target(cfg.model, str(device), torch.bfloat16)
     model_cfg = dict(DEFAULT_CONFIGS.get(cfg.draft, {"kind": cfg.draft}))
+    model_cfg.setdefault("draft_vocab_size", cfg.draft_vocab_size if cfg.draft_vocab_size < target.vocab_size else 0)
     model_cfg.update(cfg.overrides)
     model_cfg.update(hidden_size=target.hidden_size, vocab_size=target.vocab_size, target_model=target_name)
     n = target.num_layers
@@ -132,6 +163,12 @@ def train(cfg: TrainConfig) -> Path:
             if len(s.token_ids) - s.num_prompt_tokens >= 2]
     if not seqs:
         raise ValueError(f"no training sequences in {cfg.data_dir}")
+    if getattr(model, "draft_vocab", None) is not None:
+        heldout = load_sequences(Path(cfg.data_dir) / "cache", "heldout", layers)
+        ids, coverage = top_tokens(seqs, heldout, model.draft_vocab.numel(), target.vocab_size)
+        model.draft_vocab.copy_(ids.to(device))
+        logger.info("draft vocabulary of %d tokens covers %s of held-out response tokens",
+                    ids.numel(), "?" if coverage is None else f"{coverage:.1%}")
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -152,6 +189,7 @@ def train(cfg: TrainConfig) -> Path:
                 model_cfg["kind"], num_params / 1e6, list(layers), len(seqs), device)
     autocast = cfg.dtype in ("bfloat16", "bf16")
     seqs_per_step = max(1, cfg.batch_blocks // cfg.anchors_per_seq)
+    warmup_weights = LossWeights(ce=0.0, tv=0.0, kl=1.0, confidence=cfg.loss.confidence, decay=cfg.loss.decay)
     t0 = time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {model_cfg['kind']}", unit="step")
     log = open(out / LOG_FILE, "a")  # noqa: SIM115 (closed in the loop's finally)
@@ -171,7 +209,8 @@ def train(cfg: TrainConfig) -> Path:
             batch = make_batch([seqs[i] for i in idx], cfg.anchors_per_seq, gen, device)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
-            loss, metrics = compute_loss(model, target, batch, cfg.loss, autocast)
+            weights = cfg.loss if step >= cfg.kl_warmup else warmup_weights
+            loss, metrics = compute_loss(model, target, batch, weights, autocast)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))

@@ -252,7 +252,8 @@ def test_draft_vocabulary_restricts_proposals_exactly(llm, head, tmp_path):
         p = model.make_drafter(4).propose([DraftInput("r", seq, a, feats[:a], temperature=temp)])[0]
         assert set(p.draft_token_ids) <= set(ids.tolist())
         logits, _ = model.teacher_forced(h, torch.tensor([[seq[a]] + p.draft_token_ids[:-1]]))
-        restricted = logits[0][:, ids]
+        restricted = logits[0]  # the training forward computes the draft vocabulary's columns
+        assert restricted.shape[-1] == ids.numel()
         if temp == 0:
             assert p.draft_token_ids == ids[restricted.argmax(-1)].tolist()
             continue
@@ -266,15 +267,23 @@ def test_draft_vocabulary_restricts_proposals_exactly(llm, head, tmp_path):
 
 
 def test_draft_vocabulary_from_training_responses(tmp_path, llm):
+    from draft.training.cache import CacheWriter
     from draft.training.vocab import set_draft_vocab, top_tokens
 
-    rows = [{"key": "a", "split": "train", "prompt_ids": [9, 9], "response_ids": [5, 5, 5, 7, 7, 9]},
-            {"key": "b", "split": "heldout", "prompt_ids": [11], "response_ids": [11, 11, 5, 9]},
-            {"key": "c", "split": "train", "prompt_ids": [], "response_ids": [7, 3]}]
-    (tmp_path / "responses.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    ids, coverage = top_tokens(tmp_path, 2, 16)  # counts 5: 3, 7: 3, 9: 3 (prompt included)
+    rows = [{"key": "a", "split": "train", "dataset": "d", "prompt_ids": [9, 9], "response_ids": [5, 5, 5, 7, 7, 9]},
+            {"key": "b", "split": "heldout", "dataset": "d", "prompt_ids": [11], "response_ids": [11, 11, 5, 9]},
+            {"key": "c", "split": "train", "dataset": "d", "prompt_ids": [], "response_ids": [7, 3]}]
+    arch = llm.engine.arch
+    layers = (0, arch.num_layers - 1)
+    writer = CacheWriter(tmp_path / "cache", layers, arch.hidden_size)
+    n = [len(r["prompt_ids"]) + len(r["response_ids"]) for r in rows]
+    writer.write(rows, [torch.zeros(t, len(layers) * arch.hidden_size) for t in n], llm.engine.model.norm)
+    from draft.training.cache import load_sequences
+
+    train, held = load_sequences(tmp_path / "cache", "train"), load_sequences(tmp_path / "cache", "heldout")
+    ids, coverage = top_tokens(train, held, 2, 16)  # counts 5: 3, 7: 3, 9: 3 (prompt included)
     assert ids.tolist() == [5, 7] and coverage == pytest.approx(1 / 4)  # ties by lower id
-    ids, coverage = top_tokens(tmp_path, 5, 16)  # then 3, then the unseen lowest id (0)
+    ids, coverage = top_tokens(train, held, 5, 16)  # then 3, then the unseen lowest id (0)
     assert ids.tolist() == [0, 3, 5, 7, 9] and coverage == pytest.approx(2 / 4)
     model = tiny_dspark(llm, "dspark", "markov", block_size=4)
     save_drafter(model, tmp_path / "ck")

@@ -2,6 +2,7 @@
 target."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -46,48 +47,178 @@ def test_block_labels_mask_the_sequence_end():
 def test_loss_terms():
     torch.manual_seed(0)
     d, t = torch.randn(2, 3, 4, 11), torch.randn(2, 3, 4, 11)
-    tv = tv_distance(d, t)
-    assert torch.allclose(tv, (d.softmax(-1) - t.softmax(-1)).abs().sum(-1))
+    pt = t.softmax(-1)
+    tv = tv_distance(d, pt)
+    assert torch.allclose(tv, (d.softmax(-1) - pt).abs().sum(-1))
     assert tv.min() >= 0 and tv.max() <= 2
-    assert torch.allclose(tv_distance(t, t), torch.zeros(2, 3, 4), atol=1e-6)
+    assert torch.allclose(tv_distance(t, pt), torch.zeros(2, 3, 4), atol=1e-6)
     # soft label = exact acceptance probability of rejection sampling: sum min(p_d, p_t)
-    assert torch.allclose(acceptance_labels(tv), torch.minimum(d.softmax(-1), t.softmax(-1)).sum(-1), atol=1e-6)
+    assert torch.allclose(acceptance_labels(tv), torch.minimum(d.softmax(-1), pt).sum(-1), atol=1e-6)
     w = decay_weights(4, 2.0)
     assert torch.allclose(w, torch.exp(-torch.arange(4.0) / 2)) and decay_weights(3, 0).eq(1).all()
     labels = torch.randint(11, (2, 3, 4))
     mask = torch.ones(2, 3, 4, dtype=torch.bool)
     mask[1, 2, 1:] = False
     conf = torch.randn(2, 3, 4)
-    loss, _ = drafter_loss(d, t, labels, mask, conf, LossWeights(decay=2.0))
+    loss, _ = drafter_loss(d, pt, labels, mask, conf, LossWeights(decay=2.0))
     ww = w * mask
     ce = torch.nn.functional.cross_entropy(d.flatten(0, 2), labels.flatten(), reduction="none").view(2, 3, 4)
     bce = torch.nn.functional.binary_cross_entropy_with_logits(conf, acceptance_labels(tv), reduction="none")
     expected = ((0.1 * ce + 0.9 * tv + 1.0 * bce) * ww).sum() / ww.sum()
     assert torch.allclose(loss, expected, atol=1e-5)
+    # forward KL: the soft cross-entropy, minimised by p_d = p_t
+    kl_loss, metrics = drafter_loss(d, pt, labels, mask, None, LossWeights(ce=0, tv=0, kl=1.0, decay=2.0))
+    soft = -(pt * d.log_softmax(-1)).sum(-1)
+    assert torch.allclose(kl_loss, (soft * ww).sum() / ww.sum(), atol=1e-5) and "kl" in metrics
     # masked positions do not matter; BCE gradient vanishes at the soft label
     d2 = d.clone()
     d2[1, 2, 3] += 100
-    assert torch.allclose(drafter_loss(d2, t, labels, mask, conf)[0], drafter_loss(d, t, labels, mask, conf)[0])
+    assert torch.allclose(drafter_loss(d2, pt, labels, mask, conf)[0], drafter_loss(d, pt, labels, mask, conf)[0])
     c = torch.logit(acceptance_labels(tv)).requires_grad_()
-    drafter_loss(d, t, labels, mask, c, LossWeights(ce=0, tv=0))[0].backward()
+    drafter_loss(d, pt, labels, mask, c, LossWeights(ce=0, tv=0))[0].backward()
     assert c.grad.abs().max() < 1e-6
 
 
-PROMPTS = [{"turns": [f"Say hello number {i}"]} for i in range(6)]
+def test_restricted_vocabulary_keeps_the_exact_acceptance():
+    """Logits over a draft vocabulary V' against the target's full distribution restricted to
+    V': TV and acceptance equal the full-vocabulary values of a drafter that is zero outside."""
+    torch.manual_seed(1)
+    v, rows = 11, torch.tensor([0, 2, 3, 7, 9])
+    d, t = torch.randn(6, rows.numel()), torch.randn(6, v)
+    pt = t.softmax(-1)
+    full_d = torch.full((6, v), float("-inf"))
+    full_d[:, rows] = d
+    torch.testing.assert_close(tv_distance(d, pt[:, rows]), tv_distance(full_d, pt))
+    accept = torch.minimum(full_d.softmax(-1), pt).sum(-1)
+    torch.testing.assert_close(acceptance_labels(tv_distance(d, pt[:, rows])), accept)
+    # labels outside V' (-1) leave the CE term, which averages the others only
+    labels = torch.tensor([0, 1, -1, 4, -1, 2])
+    mask = torch.ones(6, dtype=torch.bool)
+    _, m = drafter_loss(d[:, None], pt[:, rows][:, None], labels[:, None], mask[:, None], None,
+                        LossWeights(decay=0))
+    ce = -d.log_softmax(-1)[torch.tensor([0, 1, 3, 5]), labels[labels >= 0]]
+    assert abs(m["ce"] - float(ce.mean())) < 1e-5
+
+
+def test_target_probs_once_per_distinct_position():
+    from draft.base import TargetHandle
+    from draft.training.trainer import label_columns, target_probs
+
+    torch.manual_seed(2)
+    head = torch.nn.Linear(8, 13, bias=False)
+    target = TargetHandle(None, None, head, 8, 13, 2, torch.device("cpu"), torch.float32)
+    final = torch.randn(2, 9, 8)
+    label_pos = torch.tensor([[[1, 2, 3], [2, 3, 4]], [[5, 6, 7], [0, 1, 2]]])
+    rows = torch.tensor([1, 4, 5, 12])
+    got = target_probs(target, final, label_pos, rows)
+    ref = torch.stack([head(final[b, label_pos[b]]).softmax(-1) for b in range(2)])[..., rows]
+    torch.testing.assert_close(got, ref)
+    assert label_columns(torch.tensor([4, 0, 12]), rows, 13).tolist() == [1, -1, 3]
+
+
+PROMPTS = [{"turns": [f"Say hello number {i}"]} for i in range(6)] + [
+    {"turns": [f"Count to {i}", "Now count back"]} for i in range(2)]
+
+
+class _InterruptAfter:
+    """A progress bar that interrupts the run after `n` updates (a killed job)."""
+
+    def __init__(self, n: int) -> None:
+        self.left = n
+
+    def __call__(self, *args, **kwargs):
+        return self
+
+    def update(self, *args) -> None:
+        self.left -= 1
+        if self.left == 0:
+            raise KeyboardInterrupt
+
+    def close(self) -> None:
+        pass
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tiny_model_dir, tmp_path_factory):
-    """Tiny data generation, interrupted after its first batch and resumed."""
+def tiny_rows(tiny_model_dir, tmp_path_factory):
+    """Tiny data generation (turn by turn, a temperature mix), interrupted and resumed."""
     from draft.training import data as data_mod
-    from draft.training.cache import CacheWriter, load_manifest, load_sequences
 
     root = tmp_path_factory.mktemp("draft-data")
     prompts = root / "chat_tiny.jsonl"
     prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
     cfg = data_mod.DataConfig((str(prompts),), str(root / "data"), model=str(tiny_model_dir),
-                              dtype="float32", max_prompts_per_file=6, max_new_tokens=12,
-                              temperature=1.0, top_p=1.0, heldout_fraction=0.34, batch_size=4)
+                              dtype="float32", max_new_tokens=12, temperatures=(0.0, 1.0),
+                              heldout_fraction=0.34, batch_size=3)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(data_mod, "tqdm", _InterruptAfter(4))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            data_mod.generate(cfg)
+    finally:
+        mp.undo()
+    assert len(data_mod.read_responses(root / "data")) == 4
+    data_mod.generate(cfg)  # resumes: the unanswered turns only
+    rows = data_mod.read_responses(root / "data")
+    return root, rows
+
+
+def test_data_answers_every_turn_after_the_models_own_answer(tiny_rows, tiny_model_dir):
+    from tests.draft.helpers import tiny_llm
+
+    _, rows = tiny_rows
+    keys = sorted(r["key"] for r in rows)
+    assert keys == sorted([f"chat_tiny:{i}:t0" for i in range(8)] + ["chat_tiny:6:t1", "chat_tiny:7:t1"])
+    assert {r["split"] for r in rows} == {"train", "heldout"}
+    assert {r["temperature"] for r in rows} == {0.0, 1.0}
+    tok = tiny_llm(tiny_model_dir).tokenizer
+    by_key = {r["key"]: r for r in rows}
+    for i in (6, 7):
+        first, second = by_key[f"chat_tiny:{i}:t0"], by_key[f"chat_tiny:{i}:t1"]
+        expected = tok.encode_chat([{"role": "user", "content": PROMPTS[i]["turns"][0]},
+                                    {"role": "assistant", "content": tok.decode(first["response_ids"])},
+                                    {"role": "user", "content": PROMPTS[i]["turns"][1]}])
+        assert second["prompt_ids"] == expected
+        assert second["temperature"] == first["temperature"] and second["split"] == first["split"]
+
+
+def test_data_stops_at_a_token_budget(tiny_model_dir, tmp_path):
+    from draft.training import data as data_mod
+
+    prompts = tmp_path / "chat_tiny.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    cfg = data_mod.DataConfig((str(prompts),), str(tmp_path / "data"), model=str(tiny_model_dir),
+                              dtype="float32", max_new_tokens=12, batch_size=2, max_response_tokens=1)
+    data_mod.generate(cfg)
+    rows = data_mod.read_responses(tmp_path / "data")
+    assert 2 <= len(rows) < 8  # the first batch (and any later turn it opened), nothing new after
+
+
+def test_pack_round_trips_the_token_ids(tiny_rows, tmp_path):
+    import numpy as np
+
+    from draft.training.tokens import pack, unpack
+
+    root, rows = tiny_rows
+    summary = pack(root / "data", tmp_path / "tokens.npz")
+    assert np.load(tmp_path / "tokens.npz")["token_ids"].dtype == np.uint16
+    assert summary["num_sequences"] == len(rows)
+    unpacked = {r["key"]: r for r in unpack(tmp_path / "tokens.npz")}
+    for r in rows:
+        u = unpacked[r["key"]]
+        for k in ("dataset", "split", "temperature", "prompt_ids", "response_ids"):
+            assert u[k] == r[k], k
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tiny_rows, tiny_model_dir):
+    """The target cache rebuilt from the packed token ids, interrupted and resumed."""
+    from draft.training.cache import CacheWriter, build_cache, load_manifest
+    from draft.training.tokens import pack, unpack
+
+    root, _ = tiny_rows
+    pack(root / "data", root / "tokens.npz")
+    rows = unpack(root / "tokens.npz")
+    cache = root / "rebuilt" / "cache"
     calls = []
     original = CacheWriter.write
 
@@ -97,25 +228,39 @@ def tiny_data(tiny_model_dir, tmp_path_factory):
             raise KeyboardInterrupt
         return original(self, *args)
 
-    CacheWriter.write = failing_write
+    mp = pytest.MonkeyPatch()
+    mp.setattr(CacheWriter, "write", failing_write)
     try:
         with pytest.raises(KeyboardInterrupt):
-            data_mod.generate(cfg, (0, 1))
+            build_cache(rows, cache, str(tiny_model_dir), (0, 1), "float32", batch_size=2, shard_tokens=60)
     finally:
-        CacheWriter.write = original
-    assert len(load_manifest(root / "data" / "cache")["shards"]) == 1
-    data_mod.generate(cfg, (0, 1))  # resumes with the unfinished prompts
-    rows = data_mod.read_responses(root / "data")
-    keys = [r["key"] for r in rows]
-    assert sorted(keys) == sorted(f"chat_tiny:{i}:0" for i in range(6))
-    seqs = load_sequences(root / "data" / "cache")
-    assert sorted(s.key for s in seqs) == sorted(keys)
-    assert {s.split for s in seqs} == {"train", "heldout"}
+        mp.undo()
+    assert len(load_manifest(cache)["shards"]) == 1
+    build_cache(rows, cache, str(tiny_model_dir), (0, 1), "float32", batch_size=2, shard_tokens=60)
+    return root / "rebuilt"
+
+
+def test_cache_holds_every_sequence_and_the_targets_own_states(tiny_data, tiny_rows, tiny_model_dir):
+    from draft.training.cache import load_manifest, load_sequences
+    from tests.draft.helpers import tiny_llm
+
+    _, rows = tiny_rows
+    seqs = load_sequences(tiny_data / "cache")
+    assert len(load_manifest(tiny_data / "cache")["shards"]) >= 2
+    assert sorted(s.key for s in seqs) == sorted(r["key"] for r in rows)
+    head = tiny_llm(tiny_model_dir).engine.model.lm_head
     for s in seqs:
         row = next(r for r in rows if r["key"] == s.key)
-        assert s.token_ids.tolist() == (row["prompt_ids"] + row["response_ids"])[:len(s.token_ids)]
-        assert len(s.token_ids) == len(row["prompt_ids"]) + len(row["response_ids"]) - 1
-    return root / "data"
+        assert s.token_ids.tolist() == row["prompt_ids"] + row["response_ids"]
+        assert s.num_prompt_tokens == len(row["prompt_ids"]) and s.split == row["split"]
+        if row["temperature"] == 0.0:  # greedy: the cached final state predicts every next token
+            p = s.num_prompt_tokens
+            with torch.no_grad():
+                logits = head(s.final[p - 1:-1].float())
+            chosen = logits.gather(1, torch.tensor(row["response_ids"])[:, None])[:, 0]
+            # the argmax, up to the bf16 rounding of the stored state (near-ties may flip)
+            assert (chosen >= logits.max(-1).values - 1e-2).all()
+            assert (logits.argmax(-1) == torch.tensor(row["response_ids"])).float().mean() > 0.8
 
 
 TINY_OVERRIDES = {"num_heads": 4, "num_kv_heads": 2, "head_dim": 16, "intermediate_size": 64,
@@ -177,3 +322,26 @@ def test_calibrate_fits_on_half_the_heldout_and_reports_on_the_rest(tiny_data, t
     assert report["num_blocks"] > 0 and report["num_report_blocks"] > 0
     assert cfg["calibration"]["num_report_blocks"] == report["num_report_blocks"]
     assert len(cfg["calibration"]["ece_after"]) == 4
+
+
+
+@pytest.mark.parametrize("draft", ["dspark", "eagle3"])
+def test_training_over_a_draft_vocabulary(tiny_data, tiny_model_dir, tmp_path, draft):
+    """The trainer picks the draft vocabulary from the training sequences, computes logits over
+    it only, and ships it in the checkpoint; a KL warm start hands over to the main loss."""
+    from safetensors.torch import load_file
+
+    from draft.training.cache import load_sequences
+    from draft.training.vocab import top_tokens
+
+    out = _train(tiny_data, tiny_model_dir, tmp_path / draft, 4, draft=draft, draft_vocab_size=32,
+                 kl_warmup=2)
+    cfg = json.loads((out / "config.json").read_text())
+    ids = load_file(str(out / "model.safetensors"))["draft_vocab"]
+    cache = tiny_data / "cache"
+    expected, _ = top_tokens(load_sequences(cache, "train"), load_sequences(cache, "heldout"), 32,
+                             cfg["vocab_size"])
+    assert cfg["draft_vocab_size"] == 32 and torch.equal(ids, expected)
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert "kl" in log[0] and "kl" not in log[-1] and "tv" in log[-1]
+    assert all(math.isfinite(r["loss"]) for r in log)
