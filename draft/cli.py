@@ -30,7 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--max-response-tokens", type=int, default=None,
                    help="start no new conversation once this many response tokens exist")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--pack", default=None, help="also write the compact token file here at the end")
+    d.add_argument("--pack", default=None,
+                   help="compact token file: its rows count as done (resume from committed data), "
+                        "and it is rewritten with every response at the end")
 
     k = sub.add_parser("pack", help="write the responses as a compact token file (.npz)")
     k.add_argument("--data", required=True, help="data directory (responses.jsonl)")
@@ -69,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--loss", default=None,
                    help='JSON of loss weight overrides, e.g. {"ce": 0.1, "tv": 0.9, "kl": 0.0}')
     t.add_argument("--kl-warmup", type=int, default=0, help="steps of forward KL alone first")
+    t.add_argument("--fc-pass-last", action="store_true",
+                   help="initialise fc as a pass-through of the deepest target layer")
     t.add_argument("--draft-vocab-size", type=int, default=16384,
                    help="propose among this many most frequent tokens (0: the whole vocabulary)")
 
@@ -112,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = DataConfig(tuple(args.prompts), args.out, args.model, args.dtype,
                          args.max_prompts_per_file, args.max_prompt_tokens, args.max_new_tokens,
                          tuple(float(t) for t in args.temperatures.split(",")), args.top_p,
-                         args.heldout_fraction, args.batch_size, args.max_response_tokens, args.seed)
+                         args.heldout_fraction, args.batch_size, args.max_response_tokens, args.seed,
+                         args.pack)
         generate(cfg)
         if args.pack:
             from draft.training.tokens import pack
@@ -147,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                           save_every=args.save_every, log_every=args.log_every,
                           max_minutes=args.max_minutes, stop_step=args.stop_step, seed=args.seed,
                           loss=LossWeights(**json.loads(args.loss or "{}")), kl_warmup=args.kl_warmup,
-                          draft_vocab_size=args.draft_vocab_size)
+                          draft_vocab_size=args.draft_vocab_size, fc_pass_last=args.fc_pass_last)
         train(cfg)
         return 0
     if args.command == "calibrate":

@@ -89,9 +89,9 @@ def calibration_report(logits: torch.Tensor, accept: torch.Tensor, temps: list[f
 
 @torch.no_grad()
 def collect(model, target, seqs, max_blocks: int | None, seed: int, anchors_per_seq: int = 128
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Confidence logits and soft acceptance labels [N, γ] of fully supervised held-out blocks
-    (at most `max_blocks`; None: from every sequence).
+            ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Confidence logits (None without a confidence head) and soft acceptance labels [N, γ] of
+    fully supervised held-out blocks (at most `max_blocks`; None: from every sequence).
 
     Many anchors per sequence and every sequence: blocks of one response are correlated, so
     the number of responses, not of blocks, bounds how well a 15-bin ECE is measured."""
@@ -109,16 +109,16 @@ def collect(model, target, seqs, max_blocks: int | None, seed: int, anchors_per_
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cpu"):
             d_logits, conf, label_pos, mask = model.train_forward(
                 batch["token_ids"], batch["features"], batch["num_tokens"], batch["anchors"], batch["keep"])
-        if conf is None:
-            raise ValueError("this drafter has no confidence head")
         accept = acceptance_labels(tv_distance(d_logits, target_probs(target, batch["final"], label_pos, rows)))
         full = mask.all(-1)
-        logits_all.append(conf[full].float())
+        if conf is not None:
+            logits_all.append(conf[full].float())
         accept_all.append(accept[full].float())
         count += int(full.sum())
         if max_blocks is not None and count >= max_blocks:
             break
-    return torch.cat(logits_all)[:max_blocks], torch.cat(accept_all)[:max_blocks]
+    logits = torch.cat(logits_all)[:max_blocks] if logits_all else None
+    return logits, torch.cat(accept_all)[:max_blocks]
 
 
 def calibrate_checkpoint(data_dir: str, ckpt_dir: str, model_name: str | None = None,
@@ -138,6 +138,8 @@ def calibrate_checkpoint(data_dir: str, ckpt_dir: str, model_name: str | None = 
     # fit on half the held-out responses, report on the other half (out of sample)
     half = None if max_blocks is None else max_blocks // 2
     logits, accept = collect(model, target, seqs[::2], half, seed, anchors_per_seq)
+    if logits is None:
+        raise ValueError("this drafter has no confidence head")
     test_logits, test_accept = collect(model, target, seqs[1::2], half, seed + 1, anchors_per_seq)
     logger.info("calibrating on %d held-out blocks, reporting on %d others", logits.shape[0],
                 test_logits.shape[0])

@@ -45,6 +45,9 @@ class DataConfig:
     batch_size: int = 64
     max_response_tokens: int | None = None  # stop starting conversations past this many
     seed: int = 0
+    # a packed token file (`dspark draft pack`) whose rows count as done: generation goes on
+    # from the committed data on a machine without the earlier responses.jsonl
+    resume_from: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +129,14 @@ def generate(cfg: DataConfig) -> Path:
               max_num_batched_tokens=2048, seed=cfg.seed)
     eng, tok = llm.engine, llm.tokenizer
     done = {row["key"]: row for row in read_responses(out)}
+    if cfg.resume_from and Path(cfg.resume_from).exists():
+        from draft.training.tokens import unpack
+
+        seeded = [r for r in unpack(cfg.resume_from) if r["key"] not in done]
+        with open(path, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in seeded)
+        done.update((r["key"], r) for r in seeded)
+        logger.info("%d responses taken from %s", len(seeded), cfg.resume_from)
     num_tokens = sum(len(r["response_ids"]) for r in done.values())
     # (conversation, answers so far): the next turn to generate, in job order
     queue: deque[tuple[Conversation, list[str]]] = deque()

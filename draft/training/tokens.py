@@ -41,7 +41,7 @@ def pack(data_dir: str | Path, path: str | Path) -> dict:
     tmp.replace(out)
     return {"path": str(out), "num_sequences": len(rows),
             "num_response_tokens": int(sum(len(r["response_ids"]) for r in rows)),
-            "num_tokens": int(len(flat)), "bytes": out.stat().st_size}
+            "num_tokens": len(flat), "bytes": out.stat().st_size}
 
 
 def unpack(path: str | Path) -> list[dict]:

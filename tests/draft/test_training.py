@@ -283,9 +283,13 @@ def test_training_resumes_exactly(tiny_data, tiny_model_dir, tmp_path, monkeypat
     from draft.training import trainer
 
     straight = _train(tiny_data, tiny_model_dir, tmp_path / "a", 6)
-    log = [json.loads(line) for line in (straight / "train_log.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (straight / "train_log.jsonl").read_text().splitlines()]
+    log = [r for r in rows if "loss" in r]
     assert [r["step"] for r in log] == list(range(1, 7))
     assert all(k in log[0] for k in ("loss", "ce", "tv", "bce", "grad_norm", "lr"))
+    val = [r for r in rows if "val_tau" in r]  # held-out acceptance at every save
+    assert [r["step"] for r in val] == [2, 4, 6]
+    assert all(len(r["val_accept"]) == 4 and 1 <= r["val_tau"] <= 5 and r["val_blocks"] > 0 for r in val)
 
     original = trainer.compute_loss
     calls = []
@@ -343,5 +347,40 @@ def test_training_over_a_draft_vocabulary(tiny_data, tiny_model_dir, tmp_path, d
                              cfg["vocab_size"])
     assert cfg["draft_vocab_size"] == 32 and torch.equal(ids, expected)
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    log = [r for r in log if "loss" in r]
     assert "kl" in log[0] and "kl" not in log[-1] and "tv" in log[-1]
     assert all(math.isfinite(r["loss"]) for r in log)
+
+
+def test_fc_pass_last_starts_from_the_deepest_layer(tiny_model_dir):
+    from draft.training.trainer import init_fc_pass_last
+    from tests.draft.helpers import tiny_dspark, tiny_llm
+
+    model = tiny_dspark(tiny_llm(tiny_model_dir), "dspark", "markov")
+    init_fc_pass_last(model)
+    h = model.config.hidden_size
+    feats = torch.randn(3, len(model.config.target_layers) * h)
+    torch.testing.assert_close(model.fc(feats), feats[:, -h:])
+
+
+def test_data_resumes_from_the_committed_token_file(tiny_rows, tiny_model_dir, tmp_path, monkeypatch):
+    """On a machine without the earlier responses.jsonl, the packed file counts as done."""
+    from draft.training import data as data_mod
+    from draft.training.tokens import pack
+    from engine.llm_engine import LLMEngine
+
+    root, rows = tiny_rows
+    pack(root / "data", tmp_path / "tokens.npz")
+    cfg = data_mod.DataConfig((str(root / "chat_tiny.jsonl"),), str(tmp_path / "fresh"),
+                              model=str(tiny_model_dir), dtype="float32", max_new_tokens=12,
+                              temperatures=(0.0, 1.0), heldout_fraction=0.34, batch_size=3,
+                              resume_from=str(tmp_path / "tokens.npz"))
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("nothing is left to generate")
+
+    monkeypatch.setattr(LLMEngine, "add_request", no_generation)
+    data_mod.generate(cfg)
+    again = {r["key"]: r for r in data_mod.read_responses(tmp_path / "fresh")}
+    assert again.keys() == {r["key"] for r in rows}
+    assert all(again[r["key"]]["response_ids"] == r["response_ids"] for r in rows)
