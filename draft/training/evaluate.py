@@ -10,7 +10,7 @@ first `max_prompts` lines of each file; dataset name = file stem.
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tqdm import tqdm
@@ -42,15 +42,15 @@ def evaluate(cfg: EvalConfig) -> dict:
     llm = LLM(model=cfg.model, dtype=cfg.dtype, draft=cfg.draft, num_draft_tokens=gamma,
               verify_policy="fixed", max_num_seqs=cfg.batch_size, seed=cfg.seed)
     eng = llm.engine
-    dataset_of: dict[str, str] = {}
-    rounds: dict[str, list[tuple[int, int]]] = {}  # dataset -> (verify_len, accepted) per round
+    job_of: dict[str, int] = {}
+    req_rounds: dict[str, list[tuple[int, int]]] = {}  # req_id -> (verify_len, accepted) per round
     execute = eng.runner.execute
 
     def recording(sched_out):
         out = execute(sched_out)
         for s, new in zip(sched_out.scheduled, out.sampled_token_ids):
             if s.num_draft_tokens and new:
-                rounds.setdefault(dataset_of[s.req_id], []).append((s.num_draft_tokens, len(new) - 1))
+                req_rounds.setdefault(s.req_id, []).append((s.num_draft_tokens, len(new) - 1))
         return out
 
     eng.runner.execute = recording
@@ -61,22 +61,38 @@ def evaluate(cfg: EvalConfig) -> dict:
             jobs.append((name, llm.encode_chat([{"role": "user", "content": turns[0]}])))
     params = SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                             top_p=1.0, seed=None)
-    bar = tqdm(total=len(jobs), desc=f"eval {cfg.draft}", unit="prompt")
-    pending = list(jobs)
-    num_tokens: dict[str, int] = {}
+    # Finished prompts go to a partial file as they finish, so an interrupted run resumes
+    # with the others; it is removed once the result is written.
+    partial = Path(cfg.out).with_suffix(".partial.jsonl")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    finished = _read_partial(partial, cfg)
+    bar = tqdm(total=len(jobs), initial=len(finished), desc=f"eval {cfg.draft}", unit="prompt")
+    pending = [j for j in range(len(jobs)) if j not in finished]
     try:
-        while pending or eng.has_unfinished():
-            while pending and len(eng.scheduler.running) + len(eng.scheduler.waiting) < cfg.batch_size:
-                name, ids = pending.pop(0)
-                dataset_of[eng.add_request(ids, params)] = name
-            for out in eng.step():
-                if out.finished:
-                    name = dataset_of[out.req_id]
-                    num_tokens[name] = num_tokens.get(name, 0) + len(out.token_ids)
-                    bar.update(1)
+        with open(partial, "a") as log:
+            if not finished:
+                log.write(json.dumps({"config": _fingerprint(cfg)}) + "\n")
+            while pending or eng.has_unfinished():
+                while pending and len(eng.scheduler.running) + len(eng.scheduler.waiting) < cfg.batch_size:
+                    j = pending.pop(0)
+                    job_of[eng.add_request(jobs[j][1], params)] = j
+                for out in eng.step():
+                    if out.finished:
+                        j = job_of.pop(out.req_id)
+                        finished[j] = {"job": j, "rounds": req_rounds.pop(out.req_id, []),
+                                       "num_tokens": len(out.token_ids)}
+                        log.write(json.dumps(finished[j]) + "\n")
+                        log.flush()
+                        bar.update(1)
     finally:
         bar.close()
         eng.runner.execute = execute
+    rounds: dict[str, list[tuple[int, int]]] = {}
+    num_tokens: dict[str, int] = {}
+    for j, rec in finished.items():
+        name = jobs[j][0]
+        rounds.setdefault(name, []).extend(tuple(r) for r in rec["rounds"])
+        num_tokens[name] = num_tokens.get(name, 0) + rec["num_tokens"]
     result = {"draft": cfg.draft, "num_draft_tokens": gamma, "temperature": cfg.temperature,
               "max_prompts": cfg.max_prompts, "max_new_tokens": cfg.max_new_tokens,
               "model": eng.model_name, "dtype": eng.config.dtype, "datasets": {}}
@@ -87,7 +103,37 @@ def evaluate(cfg: EvalConfig) -> dict:
     taus = [d["tau"] for d in result["datasets"].values()]
     result["macro_tau"] = sum(taus) / len(taus) if taus else float("nan")
     write_outputs(result, cfg.out)
+    partial.unlink()
     return result
+
+
+def _fingerprint(cfg: EvalConfig) -> dict:
+    d = asdict(cfg)
+    d["prompt_files"] = list(d["prompt_files"])
+    d.pop("out")
+    return d
+
+
+def _read_partial(path: Path, cfg: EvalConfig) -> dict[int, dict]:
+    """Prompts an interrupted run of the same configuration finished (none for another one)."""
+    if not path.exists():
+        return {}
+    lines = path.read_text().splitlines()
+    try:
+        header = json.loads(lines[0])
+    except (IndexError, json.JSONDecodeError):
+        header = {}
+    if header.get("config") != _fingerprint(cfg):
+        path.unlink()
+        return {}
+    done = {}
+    for line in lines[1:]:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by the interruption
+            continue
+        done[rec["job"]] = rec
+    return done
 
 
 def summarise(rounds: list[tuple[int, int]], gamma: int) -> dict:
