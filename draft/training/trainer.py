@@ -180,7 +180,8 @@ def train(cfg: TrainConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     target, target_name = load_target(cfg.model, str(device), torch.bfloat16)
     model_cfg = dict(DEFAULT_CONFIGS.get(cfg.draft, {"kind": cfg.draft}))
-    model_cfg.setdefault("draft_vocab_size", cfg.draft_vocab_size if cfg.draft_vocab_size < target.vocab_size else 0)
+    vocab = cfg.draft_vocab_size if cfg.draft_vocab_size < target.vocab_size else 0
+    model_cfg.setdefault("draft_vocab_size", vocab)
     model_cfg.update(cfg.overrides)
     model_cfg.update(hidden_size=target.hidden_size, vocab_size=target.vocab_size, target_model=target_name)
     n = target.num_layers
@@ -222,7 +223,8 @@ def train(cfg: TrainConfig) -> Path:
                 model_cfg["kind"], num_params / 1e6, list(layers), len(seqs), device)
     autocast = cfg.dtype in ("bfloat16", "bf16")
     seqs_per_step = max(1, cfg.batch_blocks // cfg.anchors_per_seq)
-    warmup_weights = LossWeights(ce=0.0, tv=0.0, kl=1.0, confidence=cfg.loss.confidence, decay=cfg.loss.decay)
+    warmup_weights = LossWeights(ce=0.0, tv=0.0, kl=1.0, confidence=cfg.loss.confidence,
+                                 decay=cfg.loss.decay)
     t0 = time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {model_cfg['kind']}", unit="step")
     log = open(out / LOG_FILE, "a")  # noqa: SIM115 (closed in the loop's finally)
