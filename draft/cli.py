@@ -71,6 +71,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--loss", default=None,
                    help='JSON of loss weight overrides, e.g. {"ce": 0.1, "tv": 0.9, "kl": 0.0}')
     t.add_argument("--kl-warmup", type=int, default=0, help="steps of forward KL alone first")
+    t.add_argument("--schedule-minutes", type=float, default=None,
+                   help="the LR schedule spans this much training wall time (over resumed runs), "
+                        "then training stops; --steps is ignored")
+    t.add_argument("--init-from", default=None,
+                   help="start from this checkpoint's weights (shipped name or directory)")
     t.add_argument("--fc-pass-last", action="store_true",
                    help="initialise fc as a pass-through of the deepest target layer")
     t.add_argument("--draft-vocab-size", type=int, default=16384,
@@ -150,9 +155,11 @@ def main(argv: list[str] | None = None) -> int:
                           lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
                           clip=args.clip, dtype=args.dtype, device=args.device,
                           save_every=args.save_every, log_every=args.log_every,
-                          max_minutes=args.max_minutes, stop_step=args.stop_step, seed=args.seed,
+                          max_minutes=args.max_minutes, schedule_minutes=args.schedule_minutes,
+                          stop_step=args.stop_step, seed=args.seed,
                           loss=LossWeights(**json.loads(args.loss or "{}")), kl_warmup=args.kl_warmup,
-                          draft_vocab_size=args.draft_vocab_size, fc_pass_last=args.fc_pass_last)
+                          draft_vocab_size=args.draft_vocab_size, fc_pass_last=args.fc_pass_last,
+                          init_from=args.init_from)
         train(cfg)
         return 0
     if args.command == "calibrate":

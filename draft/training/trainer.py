@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from draft.base import TargetHandle
-from draft.checkpoint import build_model, save_drafter
+from draft.checkpoint import CONFIG_FILE, WEIGHTS_FILE, build_model, resolve, save_drafter
 from draft.training.anchors import sample_anchors
 from draft.training.cache import Sequence, load_sequences
 from draft.training.losses import LossWeights, drafter_loss
@@ -27,6 +28,8 @@ from draft.training.vocab import top_tokens
 logger = logging.getLogger(__name__)
 
 STATE_FILE, LOG_FILE = "train_state.pt", "train_log.jsonl"
+# what a checkpoint's config.json says about its own training and calibration, not its shape
+INIT_DROPPED_KEYS = ("train", "calibration", "confidence_temperatures", "draft_vocab_coverage")
 
 # Defaults per drafter for the default 135M target (see draft/README.md for the reasoning).
 DEFAULT_CONFIGS: dict[str, dict] = {
@@ -57,6 +60,10 @@ class TrainConfig:
     save_every: int = 100
     log_every: int = 10
     max_minutes: float | None = None
+    # A wall-clock budget: the cosine spans these minutes of training (summed over resumed
+    # runs) instead of `steps`, and training stops when they are spent. Drafters of different
+    # step costs then get the same time each; the step count reached is logged.
+    schedule_minutes: float | None = None
     stop_step: int | None = None  # stop (and save) here without changing the LR schedule
     seed: int = 0
     loss: LossWeights = field(default_factory=LossWeights)
@@ -67,6 +74,9 @@ class TrainConfig:
     # start `fc` (DSpark/DFlash) as a pass-through of the deepest injected layer, the one that
     # carries the most next-token information, instead of a random mix of all of them
     fc_pass_last: bool = False
+    # continue from a trained checkpoint's weights (its architecture; a fresh optimizer, the
+    # draft vocabulary picked anew from this data, confidences to be recalibrated)
+    init_from: str | None = None
 
 
 def load_target(model: str | None, device: str, dtype: torch.dtype) -> tuple[TargetHandle, str]:
@@ -81,10 +91,13 @@ def load_target(model: str | None, device: str, dtype: torch.dtype) -> tuple[Tar
     return eng._target_handle(), eng.model_name
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: TrainConfig, elapsed_s: float = 0.0) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    if cfg.schedule_minutes is not None:
+        progress = elapsed_s / (60 * cfg.schedule_minutes)
+    else:
+        progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
@@ -180,8 +193,15 @@ def train(cfg: TrainConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     target, target_name = load_target(cfg.model, str(device), torch.bfloat16)
     model_cfg = dict(DEFAULT_CONFIGS.get(cfg.draft, {"kind": cfg.draft}))
+    init_dir = None
+    if cfg.init_from:
+        init_dir = resolve(cfg.init_from)
+        if init_dir is None:
+            raise FileNotFoundError(f"no drafter checkpoint at {cfg.init_from}")
+        model_cfg = {k: v for k, v in json.loads((init_dir / CONFIG_FILE).read_text()).items()
+                     if k not in INIT_DROPPED_KEYS}
     vocab = cfg.draft_vocab_size if cfg.draft_vocab_size < target.vocab_size else 0
-    model_cfg.setdefault("draft_vocab_size", vocab)
+    model_cfg["draft_vocab_size"] = vocab
     model_cfg.update(cfg.overrides)
     model_cfg.update(hidden_size=target.hidden_size, vocab_size=target.vocab_size, target_model=target_name)
     n = target.num_layers
@@ -193,6 +213,12 @@ def train(cfg: TrainConfig) -> Path:
     layers = tuple(model.config.target_layers)
     if cfg.fc_pass_last:
         init_fc_pass_last(model)
+    if init_dir is not None:
+        weights = {k: v.float() for k, v in load_file(str(init_dir / WEIGHTS_FILE)).items()
+                   if k != "draft_vocab"}
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if unexpected or set(missing) - {"draft_vocab"}:
+            raise KeyError(f"{init_dir}: missing {missing[:4]}, unexpected {unexpected[:4]}")
     seqs = [s for s in load_sequences(Path(cfg.data_dir) / "cache", "train", layers)
             if len(s.token_ids) - s.num_prompt_tokens >= 2]
     if not seqs:
@@ -210,6 +236,7 @@ def train(cfg: TrainConfig) -> Path:
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(cfg.seed)
     step = 0
+    trained_s = 0.0  # wall time spent training, over every resumed run
     state_path = out / STATE_FILE
     if state_path.exists():
         state = torch.load(state_path, map_location=device, weights_only=False)
@@ -217,6 +244,7 @@ def train(cfg: TrainConfig) -> Path:
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
         step = state["step"]
+        trained_s = state.get("trained_s", 0.0)
         logger.info("resumed %s at step %d", out, step)
     num_params = sum(p.numel() for p in params)
     logger.info("training %s (%.2fM parameters, target layers %s) on %d sequences, %s",
@@ -225,8 +253,8 @@ def train(cfg: TrainConfig) -> Path:
     seqs_per_step = max(1, cfg.batch_blocks // cfg.anchors_per_seq)
     warmup_weights = LossWeights(ce=0.0, tv=0.0, kl=1.0, confidence=cfg.loss.confidence,
                                  decay=cfg.loss.decay)
-    t0 = time.perf_counter()
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {model_cfg['kind']}", unit="step")
+    t0 = time.perf_counter() - trained_s
+    bar = tqdm(total=None if cfg.schedule_minutes else cfg.steps, initial=step, desc=f"train {model_cfg['kind']}", unit="step")
     log = open(out / LOG_FILE, "a")  # noqa: SIM115 (closed in the loop's finally)
     running: dict[str, float] = {}
 
@@ -236,18 +264,20 @@ def train(cfg: TrainConfig) -> Path:
                                   **validate(model, target, heldout)}) + "\n")
             log.flush()
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "generator": gen.get_state(), "step": step}, state_path.with_suffix(".tmp"))
+                    "generator": gen.get_state(), "step": step,
+                    "trained_s": time.perf_counter() - t0}, state_path.with_suffix(".tmp"))
         state_path.with_suffix(".tmp").replace(state_path)
         save_drafter(model, out, {"train": {"steps": step, "data": str(cfg.data_dir),
                                             "batch_blocks": cfg.batch_blocks, "lr": cfg.lr,
-                                            "num_sequences": len(seqs)}})
+                                            "num_sequences": len(seqs), "init_from": cfg.init_from,
+                                            "trained_s": round(time.perf_counter() - t0)}})
 
     try:
-        while step < min(cfg.steps, cfg.stop_step or cfg.steps):
+        while cfg.schedule_minutes is not None or step < min(cfg.steps, cfg.stop_step or cfg.steps):
             idx = torch.randint(len(seqs), (seqs_per_step,), generator=gen).tolist()
             batch = make_batch([seqs[i] for i in idx], cfg.anchors_per_seq, gen, device)
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, cfg)
+                g["lr"] = lr_at(step, cfg, time.perf_counter() - t0)
             weights = cfg.loss if step >= cfg.kl_warmup else warmup_weights
             loss, metrics = compute_loss(model, target, batch, weights, autocast)
             opt.zero_grad(set_to_none=True)
@@ -263,7 +293,7 @@ def train(cfg: TrainConfig) -> Path:
                 avg = {k: v / n for k, v in running.items()}
                 running.clear()
                 bar.set_postfix(loss=f"{avg['loss']:.3f}", tv=f"{avg['tv']:.3f}", acc=f"{avg['accept']:.3f}")
-                log.write(json.dumps({"step": step, "lr": lr_at(step - 1, cfg),
+                log.write(json.dumps({"step": step, "lr": opt.param_groups[0]["lr"],
                                       "elapsed_s": round(time.perf_counter() - t0, 1), **avg}) + "\n")
                 log.flush()
             if step % cfg.save_every == 0:
@@ -272,6 +302,9 @@ def train(cfg: TrainConfig) -> Path:
                 break
             if cfg.max_minutes is not None and time.perf_counter() - t0 > 60 * cfg.max_minutes:
                 logger.info("stopping at step %d after %.1f minutes", step, cfg.max_minutes)
+                break
+            if cfg.schedule_minutes is not None and time.perf_counter() - t0 > 60 * cfg.schedule_minutes:
+                logger.info("wall-clock schedule spent at step %d", step)
                 break
         if step % cfg.save_every or step == 0:  # not saved just now
             save()

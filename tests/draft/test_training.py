@@ -384,3 +384,25 @@ def test_data_resumes_from_the_committed_token_file(tiny_rows, tiny_model_dir, t
     again = {r["key"]: r for r in data_mod.read_responses(tmp_path / "fresh")}
     assert again.keys() == {r["key"] for r in rows}
     assert all(again[r["key"]]["response_ids"] == r["response_ids"] for r in rows)
+
+
+def test_wall_clock_schedule_spans_the_budget(tiny_data, tiny_model_dir, tmp_path):
+    """--schedule-minutes: the cosine follows training time and training stops when it is spent."""
+    out = _train(tiny_data, tiny_model_dir, tmp_path / "w", 10**6, schedule_minutes=0.04)
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "loss" in r]
+    assert 2 < len(steps) < 10**5 and steps[-1]["elapsed_s"] >= 0.04 * 60 - 1
+    lrs = [r["lr"] for r in steps if r["step"] > 2]  # after the warm-up
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] < 0.5 * lrs[0]
+
+
+def test_training_continues_from_a_checkpoint(tiny_data, tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    first = _train(tiny_data, tiny_model_dir, tmp_path / "first", 2)
+    cont = _train(tiny_data, tiny_model_dir, tmp_path / "cont", 1, init_from=str(first), lr=0.0)
+    a, b = load_file(str(first / "model.safetensors")), load_file(str(cont / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    assert json.loads((cont / "config.json").read_text())["train"]["init_from"] == str(first)
