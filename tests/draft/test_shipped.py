@@ -7,17 +7,18 @@ from engine import LLM, SamplingParams
 
 
 @pytest.mark.slow
-# ~4 min each on 2 CPU cores: only the shipped default here; the tiny-model tests in
-# test_dspark.py cover every drafter's code path (dspark, dflash, eagle3, mtp)
-@pytest.mark.parametrize("draft,gamma", [("dspark", 7)])
-def test_shipped_drafter_is_greedy_lossless(draft, gamma):
+# every shipped checkpoint; the default (dspark) on twice the chats (~4 min), the others on
+# one pass (~2 min each on 2 CPU cores)
+@pytest.mark.parametrize("draft,gamma,repeats", [("dspark", 7, 2), ("dflash", 7, 1), ("eagle3", 7, 1),
+                                                 ("mtp", 1, 1)])
+def test_shipped_drafter_is_greedy_lossless(draft, gamma, repeats):
     from tests.engine.test_default_model import CHATS, _plain_greedy
     from tests.engine.test_engine import run_staggered
 
     # every draft verified (the default scheduled policy mostly rests this small drafter; the
     # server tests check that path end to end)
     llm = LLM(dtype="float32", device="cpu", draft=draft, num_draft_tokens=gamma, verify_policy="fixed")
-    prompts = [llm.encode_chat([{"role": "user", "content": t}]) for t in CHATS * 2]
+    prompts = [llm.encode_chat([{"role": "user", "content": t}]) for t in CHATS * repeats]
     params = [SamplingParams(max_tokens=16 + 4 * (i % 3), temperature=0) for i in range(len(prompts))]
     expected = _plain_greedy(prompts, params)
     lengths: list[list[int]] = []
