@@ -94,12 +94,12 @@ class CacheWriter:
         return {k for s in self.manifest["shards"] for k in s["keys"]}
 
     def write(self, rows: list[dict], features: list[torch.Tensor], final_norm) -> None:
-        """`rows` as in responses.jsonl; features[i] covers the first len(features[i]) tokens."""
+        """`rows` as in responses.jsonl; features[i] covers every token of row i."""
         if not rows:
             return
         layer_last = len(self.manifest["target_layers"]) - 1
         hidden = self.manifest["hidden_size"]
-        ids = [torch.tensor((r["prompt_ids"] + r["response_ids"])[:f.shape[0]]) for r, f in zip(rows, features)]
+        ids = [torch.tensor(r["prompt_ids"] + r["response_ids"]) for r in rows]
         assert all(len(i) == f.shape[0] for i, f in zip(ids, features))
         offsets = torch.tensor([0] + [len(i) for i in ids]).cumsum(0)
         feats = torch.cat(features)
@@ -169,8 +169,8 @@ def build_cache(rows: list[dict], cache_dir: str | Path, model: str | None = Non
     done = writer.done_keys()
     todo = [r for r in rows if r["key"] not in done]
     logger.info("%d sequences in all, %d already cached", len(rows), len(rows) - len(todo))
-    bar = tqdm(total=sum(len(r["prompt_ids"]) + len(r["response_ids"]) for r in rows),
-               initial=sum(len(r["prompt_ids"]) + len(r["response_ids"]) for r in rows if r["key"] in done),
+    lengths = {r["key"]: len(r["prompt_ids"]) + len(r["response_ids"]) for r in rows}
+    bar = tqdm(total=sum(lengths.values()), initial=sum(lengths[k] for k in lengths if k in done),
                desc="draft cache", unit="tok")
     params = SamplingParams(max_tokens=1, temperature=0.0)
     pending = list(reversed(todo))

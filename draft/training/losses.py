@@ -39,9 +39,13 @@ def decay_weights(block: int, decay: float, device: torch.device | None = None) 
 def tv_distance(draft_logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
     """‖softmax(d) − p_t‖₁ per row over the full vocabulary, where `target_probs` may cover only
     the drafter's columns (summing to p_t(V') <= 1): [..., V'] x [..., V'] -> [...]."""
+    return _tv_of_probs(draft_logits.float().softmax(-1), target_probs)
+
+
+def _tv_of_probs(draft_probs: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
     p_t = target_probs.float()
     outside = (1.0 - p_t.sum(-1)).clamp(min=0.0)
-    return (draft_logits.float().softmax(-1) - p_t).abs().sum(-1) + outside
+    return (draft_probs - p_t).abs().sum(-1) + outside
 
 
 def acceptance_labels(tv: torch.Tensor) -> torch.Tensor:
@@ -63,7 +67,7 @@ def drafter_loss(draft_logits: torch.Tensor, target_probs: torch.Tensor, labels:
     w_ce = w * known.float()
     ce = -log_p.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
     ce = (ce * w_ce).sum() / w_ce.sum().clamp(min=1e-6)
-    tv = tv_distance(draft_logits, target_probs)
+    tv = _tv_of_probs(log_p.exp(), target_probs)  # the softmax once, shared with the CE
     loss_tv = (tv * w).sum() / den
     loss = weights.ce * ce + weights.tv * loss_tv
     metrics = {"ce": float(ce.detach()), "tv": float(loss_tv.detach())}

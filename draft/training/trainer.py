@@ -104,13 +104,13 @@ def lr_at(step: int, cfg: TrainConfig, elapsed_s: float = 0.0) -> float:
 def make_batch(seqs: list[Sequence], anchors_per_seq: int, gen: torch.Generator, device) -> dict:
     lengths = [len(s.token_ids) for s in seqs]
     s_max = max(lengths)
-    feat_dim = seqs[0].features.shape[1]
+    feats = [s.features for s in seqs]  # read from the shards once
     token_ids = torch.zeros(len(seqs), s_max, dtype=torch.long)
-    features = torch.zeros(len(seqs), s_max, feat_dim, dtype=seqs[0].features.dtype)
+    features = torch.zeros(len(seqs), s_max, feats[0].shape[1], dtype=feats[0].dtype)
     final = torch.zeros(len(seqs), s_max, seqs[0].final.shape[1], dtype=seqs[0].final.dtype)
     for b, s in enumerate(seqs):
         n = lengths[b]
-        token_ids[b, :n], features[b, :n], final[b, :n] = s.token_ids, s.features, s.final
+        token_ids[b, :n], features[b, :n], final[b, :n] = s.token_ids, feats[b], s.final
     anchors, keep = sample_anchors([s.num_prompt_tokens for s in seqs], lengths, anchors_per_seq, gen)
     to = {"device": device}
     return {"token_ids": token_ids.to(**to), "features": features.to(**to), "final": final.to(**to),
