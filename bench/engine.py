@@ -6,7 +6,10 @@ concurrency c: HF runs one static batch of c prompts (left-padded); we submit c 
 once to the continuous-batching engine. Per-user tok/s = new tokens / that request's latency
 (prompt included); aggregate tok/s = all new tokens / wall time.
 
-    dspark bench engine [--concurrency 1 8 32] [--max-new-tokens 64] [--dtypes float32 bfloat16]
+    dspark bench engine [--concurrency 1 8 32] [--max-new-tokens 64] [--variants float32 bfloat16 bfloat16+int4]
+
+A variant is our dtype, plus `+int4` for the GGUF file's Q4_1 weights on small steps
+(`--quantization int4`); a bare dtype runs dense (`--quantization none`).
 """
 
 import argparse
@@ -69,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
-                    help="our engine's dtypes; HF always runs fp32 (its fastest CPU path)")
+    ap.add_argument("--variants", nargs="+", default=["float32", "bfloat16", "bfloat16+int4"],
+                    help="our engine's dtype[+int4]; HF always runs fp32 (its fastest CPU path)")
     ap.add_argument("--repeats", type=int, default=2, help="runs per point; the median is kept")
     ap.add_argument("--prompts", default=str(SHARED_PROMPTS / "eval" / "chat_mt_bench.jsonl"))
     ap.add_argument("--threads", type=int, default=None)
@@ -80,8 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
 
-    llms = {dt: LLM(dtype=dt, device="cpu", num_threads=threads,
-                    max_num_seqs=max(args.concurrency)) for dt in args.dtypes}
+    llms = {}
+    for variant in args.variants:
+        dtype, _, quant = variant.partition("+")
+        llms[variant.replace("+", "_")] = LLM(dtype=dtype, device="cpu", num_threads=threads,
+                                              quantization=quant or "none",
+                                              max_num_seqs=max(args.concurrency))
     any_llm = next(iter(llms.values()))
     texts = load_turns(args.prompts, max(args.concurrency))
     prompts = [any_llm.encode_chat([{"role": "user", "content": t}]) for t in texts]
@@ -117,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         logger.info("c=%d %s", c, row)
     bar.close()
-    result = {"benchmark": "engine_decode", "model": "SmolLM2-135M-Instruct Q4_1 (dequantised)",
+    result = {"benchmark": "engine_decode", "model": "SmolLM2-135M-Instruct Q4_1 (dequantised; +int4: its Q4_1 blocks on small steps)",
               "max_new_tokens": args.max_new_tokens, "threads": threads, "repeats": args.repeats,
               "rows": rows}
     path = save_result("engine", result, args.out)

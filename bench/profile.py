@@ -19,7 +19,7 @@ def profile_and_plot(config: EngineConfig, refresh: bool = False) -> None:
 
     engine = LLMEngine(config)
     key = profile_key(engine.model_name, engine.device, config.dtype, torch.get_num_threads(),
-                      engine.block_manager.block_size)
+                      engine.block_manager.block_size, engine.model.quantization)
     table = load_or_profile(engine.runner, engine.block_manager, key,
                             config.scheduler.max_num_batched_tokens, refresh=refresh)
     print(f"SPS profile {key}")

@@ -201,37 +201,50 @@ async def sweep(url: str, args: argparse.Namespace) -> tuple[str, list[LevelResu
         before = await spec_counters(url)
         level = await run_level(url, headers, bodies, c, bar)
         after = await spec_counters(url)
-        delta = {k: after[k] - before[k] for k in after}
-        # every decode step of a request commits one token plus its accepted drafts; the
-        # first token comes from the prefill
-        decode_steps = sum(r.completion_tokens - 1 for r in level.requests if r.ok and r.completion_tokens)
-        decode_steps -= delta["accepted"]
-        if decode_steps > 0:
-            level.avg_verify_tokens_per_request = delta["verified"] / decode_steps
-        if delta["verified"]:
-            level.acceptance_rate = delta["accepted"] / delta["verified"]
+        if before is not None and after is not None:
+            _add_spec_figures(level, {k: after[k] - before[k] for k in after})
         levels.append(level)
     bar.close()
     return model, levels
+
+
+def _add_spec_figures(level: LevelResult, delta: dict[str, float]) -> None:
+    # every decode step of a request commits one token plus its accepted drafts; the first
+    # token comes from the prefill
+    decode_steps = sum(r.completion_tokens - 1 for r in level.requests if r.ok and r.completion_tokens)
+    decode_steps -= delta["accepted"]
+    if decode_steps > 0:
+        level.avg_verify_tokens_per_request = delta["verified"] / decode_steps
+    if delta["verified"]:
+        level.acceptance_rate = delta["accepted"] / delta["verified"]
 
 
 _SPEC_SERIES = {"verified": "dspark:spec_decode_num_verify_tokens_total",
                 "accepted": "dspark:spec_decode_num_accepted_tokens_total"}
 
 
-async def spec_counters(url: str) -> dict[str, float]:
-    """Totals of the speculation series on the server's /metrics (all models summed)."""
+async def spec_counters(url: str) -> dict[str, float] | None:
+    """Totals of the speculation series on the server's /metrics (all models summed); None for
+    a server without them (no /metrics, or not ours: llama.cpp answers 501 without --metrics)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-        text = (await client.get("/metrics")).text
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            r = await client.get("/metrics")
+        if r.status_code != 200:
+            return None
+        families = list(text_string_to_metric_families(r.text))
+    except (httpx.HTTPError, ValueError):
+        return None
     totals = dict.fromkeys(_SPEC_SERIES, 0.0)
     names = {v: k for k, v in _SPEC_SERIES.items()}
-    for family in text_string_to_metric_families(text):
+    found = False
+    for family in families:
         for sample in family.samples:
             if sample.name in names:
                 totals[names[sample.name]] += sample.value
-    return totals
+                found = True
+    return totals if found else None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

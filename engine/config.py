@@ -55,6 +55,9 @@ class EngineConfig:
     dtype: str = "float32"
     max_model_len: int | None = None  # None = the model's own limit, capped by the KV pool
     attention_backend: str = "auto"  # auto | torch | flash
+    # auto | int4 | none: int4 runs steps of few tokens from a GGUF file's Q4_1 weights (CPU,
+    # bf16; engine/quant.py); auto picks it where it runs
+    quantization: str = "auto"
     num_threads: int | None = None  # CPU threads for torch; None = all cores
     seed: int = 0  # seeds the randomness of unseeded requests
     # Run each forward on a worker thread while the previous step's outputs are processed.

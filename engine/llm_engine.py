@@ -69,7 +69,7 @@ class LLMEngine:
         self.model_name = ckpt.name
         self.arch = ckpt.arch
         self.tokenizer = ckpt.tokenizer
-        self.model = build_model(ckpt, self.device, dtype)
+        self.model = build_model(ckpt, self.device, dtype, config.quantization)
 
         self.backend = make_backend(config.attention_backend, self.device)
         block_size = config.cache.block_size
@@ -94,7 +94,7 @@ class LLMEngine:
         self.sps = None
         if drafter is not None and sched_config.verify_policy in ("scheduled", "causal"):
             key = profile_key(self.model_name, self.device, config.dtype, torch.get_num_threads(),
-                              block_size)
+                              block_size, self.model.quantization)
             self.sps = load_or_profile(self.runner, self.block_manager, key,
                                        sched_config.max_num_batched_tokens)
         self.scheduler = Scheduler(sched_config, self.block_manager, self.sps)
@@ -103,9 +103,9 @@ class LLMEngine:
         self._pending: list[tuple[RequestUpdate, float | None]] = []
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="dspark-forward") if config.overlap else None
         self._ids = itertools.count()
-        logger.info("loaded %s (%s, %d layers) on %s/%s in %.1fs; attention=%s, KV cache %d blocks x %d "
+        logger.info("loaded %s (%s, %d layers) on %s/%s (quantization %s) in %.1fs; attention=%s, KV cache %d blocks x %d "
                     "tokens, max_model_len %d", self.model_name, ckpt.arch.arch, ckpt.arch.num_layers,
-                    self.device, config.dtype, time.perf_counter() - t0, self.backend.name, num_blocks,
+                    self.device, config.dtype, self.model.quantization, time.perf_counter() - t0, self.backend.name, num_blocks,
                     block_size, self.max_model_len)
 
     def _target_handle(self) -> TargetHandle:

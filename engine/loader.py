@@ -8,7 +8,7 @@ import importlib.metadata
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +16,7 @@ import torch
 
 from engine.config import ModelArchConfig
 from engine.model import CausalLM
+from engine.quant import Q4Blocks, q4_1_blocks, resolve_quantization
 from engine.tokenizer import Tokenizer
 from scheduler import ModelLoadError
 
@@ -34,6 +35,8 @@ class LoadedCheckpoint:
     arch: ModelArchConfig
     weights: Iterator[tuple[str, torch.Tensor]]
     tokenizer: Tokenizer
+    # Q4_1 weights by Hugging Face name, filled while `weights` is consumed (GGUF only)
+    q4_weights: dict[str, Q4Blocks] = field(default_factory=dict)
 
 
 def default_model_path() -> Path:
@@ -64,8 +67,11 @@ def load_checkpoint(model: str | None) -> LoadedCheckpoint:
     return ckpt
 
 
-def build_model(ckpt: LoadedCheckpoint, device: torch.device, dtype: torch.dtype) -> CausalLM:
-    """Instantiate the target without initialising weights, load them, place it."""
+def build_model(ckpt: LoadedCheckpoint, device: torch.device, dtype: torch.dtype,
+                quantization: str = "none") -> CausalLM:
+    """Instantiate the target without initialising weights, load them, place it; with int4
+    (`quantization`, resolved by `engine.quant.resolve_quantization`), its layers also get
+    the file's Q4_1 weights for small steps."""
     with torch.device("meta"):
         model = CausalLM(ckpt.arch)
     model = model.to_empty(device="cpu")
@@ -77,6 +83,11 @@ def build_model(ckpt: LoadedCheckpoint, device: torch.device, dtype: torch.dtype
     model.rotary.reset_tables()
     if device.type == "cpu" and torch.backends.mkldnn.is_available():
         model.pack_weights()
+    quantization = resolve_quantization(quantization, device, dtype, len(ckpt.q4_weights))
+    if quantization == "int4":
+        logger.info("int4 weights for %d projections (steps of few tokens)", model.attach_int4(ckpt.q4_weights))
+    ckpt.q4_weights.clear()
+    model.quantization = quantization
     return model
 
 
@@ -174,10 +185,13 @@ def _load_gguf(path: Path) -> LoadedCheckpoint:
     except (TypeError, KeyError) as e:
         raise ModelLoadError(f"GGUF file {path} lacks required metadata: {e}") from e
     name = field("general.name") or path.stem
-    return LoadedCheckpoint(str(name), arch_cfg, _iter_gguf(reader, arch_cfg), Tokenizer.from_gguf(reader))
+    q4: dict[str, Q4Blocks] = {}
+    return LoadedCheckpoint(str(name), arch_cfg, _iter_gguf(reader, arch_cfg, q4), Tokenizer.from_gguf(reader), q4)
 
 
-def _iter_gguf(reader, cfg: ModelArchConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_gguf(reader, cfg: ModelArchConfig, q4: dict[str, Q4Blocks]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Dequantised weights by Hugging Face name; Q4_1 matrices also go into `q4` as blocks."""
+    from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
     for t in reader.tensors:
@@ -187,10 +201,15 @@ def _iter_gguf(reader, cfg: ModelArchConfig) -> Iterator[tuple[str, torch.Tensor
             continue
         data = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
         data = data.reshape([int(d) for d in reversed(t.shape)])
+        blocks = q4_1_blocks(t.data, data.shape) if t.tensor_type == GGMLQuantizationType.Q4_1 else None
         # llama.cpp interleaves the rotary halves of Q and K for Llama; undo it.
         if cfg.arch == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = cfg.num_heads if "q_proj" in hf_name else cfg.num_kv_heads
             data = _unpermute_rotary(data, heads)
+            if blocks is not None:
+                blocks = blocks.rows(_unpermute_rotary(np.arange(data.shape[0]), heads))
+        if blocks is not None:
+            q4[hf_name] = blocks
         yield hf_name, torch.tensor(data)  # copies: F32 tensors are read-only views of the mmap
 
 

@@ -17,6 +17,7 @@ from torch import nn
 from engine.attention import AttentionBackend
 from engine.config import ModelArchConfig
 from engine.kv_cache import PagedKVCache
+from engine.quant import INT4_MAX_ROWS, Int4Weight, Q4Blocks, concat_rows
 
 
 @dataclass(slots=True)
@@ -43,6 +44,8 @@ class Linear(nn.Linear):
     """
 
     packed_weight: torch.Tensor | None = None
+    # the file's Q4_1 weights, used for calls of at most INT4_MAX_ROWS rows (engine/quant.py)
+    int4: Int4Weight | None = None
 
     def pack_weight(self, keep_dense: bool) -> None:
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), _PACK_ROWS_HINT)
@@ -50,6 +53,11 @@ class Linear(nn.Linear):
             self.weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        int4 = self.int4
+        if int4 is not None and x.dtype == torch.bfloat16 and x.numel() <= INT4_MAX_ROWS * x.shape[-1]:
+            y = int4(x.reshape(-1, x.shape[-1]))
+            y = y if self.bias is None else y + self.bias
+            return y.view(*x.shape[:-1], -1)
         packed = self.packed_weight
         if packed is None or x.dtype != packed.dtype or (x.requires_grad and torch.is_grad_enabled()):
             return F.linear(x, self.weight, self.bias)
@@ -183,7 +191,24 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+# Hugging Face projection names -> (our fused parameter, shard index)
+_FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+          "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+
+def fused_name(hf_name: str) -> tuple[str, int | None]:
+    """A Hugging Face weight name (without `model.`) -> our parameter name and the shard it
+    fills of a fused projection (None: a parameter of its own)."""
+    parts = hf_name.split(".")
+    if len(parts) >= 2 and parts[-2] in _FUSED:
+        target, shard = _FUSED[parts[-2]]
+        return ".".join(parts[:-2] + [target, parts[-1]]), shard
+    return hf_name, None
+
+
 class CausalLM(nn.Module):
+    quantization = "none"  # "int4" once `attach_int4` gave the layers Q4_1 weights
+
     def __init__(self, cfg: ModelArchConfig) -> None:
         super().__init__()
         self.config = cfg
@@ -223,8 +248,6 @@ class CausalLM(nn.Module):
             # tied here rather than in __init__: moving a meta-initialised model unties parameters
             self.lm_head.weight = self.embed_tokens.weight
         params = dict(self.named_parameters())
-        fused = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-                 "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
         cfg = self.config
         q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
         offsets = {"qkv_proj": [0, q, q + kv, q + 2 * kv], "gate_up_proj": [0, inter, 2 * inter]}
@@ -235,10 +258,9 @@ class CausalLM(nn.Module):
                 continue  # tied: the embedding serves as LM head
             if "rotary_emb" in name:
                 continue
-            parts = name.split(".")
-            if len(parts) >= 2 and parts[-2] in fused:
-                target, shard = fused[parts[-2]]
-                pname = ".".join(parts[:-2] + [target, parts[-1]])
+            pname, shard = fused_name(name)
+            if shard is not None:
+                target = pname.split(".")[-2]
                 lo, hi = offsets[target][shard], offsets[target][shard + 1]
                 dest = params[pname][lo:hi]
                 loaded.add(f"{pname}#{shard}")
@@ -260,3 +282,27 @@ class CausalLM(nn.Module):
         missing = expected - loaded
         if missing:
             raise KeyError(f"missing weights: {sorted(missing)[:8]}")
+
+    def attach_int4(self, weights: dict[str, Q4Blocks]) -> int:
+        """Give every layer projection whose shards all come as Q4_1 blocks (Hugging Face
+        names) its int4 form; returns how many projections got one."""
+        shards: dict[str, dict[int, Q4Blocks]] = {}
+        for name, blocks in weights.items():
+            pname, shard = fused_name(name.removeprefix("model."))
+            shards.setdefault(pname.removesuffix(".weight"), {})[shard or 0] = blocks
+        modules = dict(self.named_modules())
+        count = 0
+        for mname, parts in shards.items():
+            module = modules.get(mname)
+            if not isinstance(module, Linear) or module is self.lm_head:
+                continue
+            expected = {"qkv_proj": 3, "gate_up_proj": 2}.get(mname.rsplit(".", 1)[-1], 1)
+            if len(parts) != expected:
+                continue  # a fused projection with a shard in another format stays dense
+            blocks = concat_rows(parts[i] for i in sorted(parts))
+            if tuple(blocks.q.shape) != tuple(module.weight.shape if module.weight is not None
+                                              else (module.out_features, module.in_features)):
+                raise ValueError(f"int4 weight of {mname}: shape {tuple(blocks.q.shape)}")
+            module.int4 = Int4Weight(blocks)
+            count += 1
+        return count

@@ -36,8 +36,10 @@ def cache_dir() -> Path:
 PROFILE_VERSION = 2
 
 
-def profile_key(model_name: str, device: torch.device, dtype: str, threads: int, block_size: int) -> str:
-    raw = f"{model_name}-{device.type}-{dtype}-t{threads}-bs{block_size}-v{PROFILE_VERSION}"
+def profile_key(model_name: str, device: torch.device, dtype: str, threads: int, block_size: int,
+                quantization: str = "none") -> str:
+    quant = "" if quantization == "none" else f"-{quantization}"
+    raw = f"{model_name}-{device.type}-{dtype}{quant}-t{threads}-bs{block_size}-v{PROFILE_VERSION}"
     return re.sub(r"[^A-Za-z0-9._-]+", "_", raw)
 
 
@@ -58,25 +60,30 @@ def load_or_profile(runner: ModelRunner, block_manager: BlockManager, key: str, 
 def profile(runner: ModelRunner, block_manager: BlockManager, key: str, max_tokens: int,
             repeats: int = 3) -> SPSTable:
     sizes = [b for b in DEFAULT_BATCH_SIZES if b <= max_tokens] or [1]
-    seconds: dict[int, float] = {}
-    for b in tqdm(sizes, desc="profiling SPS", leave=False):
-        step, owners = _verify_shaped_step(b, block_manager)
-        try:
-            runner.all_logits(step)  # warm-up
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                runner.all_logits(step)
-                if runner.device.type == "cuda":
-                    torch.cuda.synchronize(runner.device)
-                times.append(time.perf_counter() - t0)
-            seconds[b] = statistics.median(times)
-        finally:
-            for req in owners:
-                block_manager.free(req)
+    seconds = {b: time_verify_step(runner, block_manager, b, repeats)
+               for b in tqdm(sizes, desc="profiling SPS", leave=False)}
     table = SPSTable.from_measurements(seconds, key)
     logger.info("SPS profile %s: %s", key, ", ".join(f"B={b}: {1 / t:.1f}/s" for b, t in seconds.items()))
     return table
+
+
+def time_verify_step(runner: ModelRunner, block_manager: BlockManager, num_tokens: int,
+                     repeats: int) -> float:
+    """Median seconds of a verify-shaped forward of `num_tokens` tokens (after a warm-up)."""
+    step, owners = _verify_shaped_step(num_tokens, block_manager)
+    try:
+        runner.all_logits(step)  # warm-up
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            runner.all_logits(step)
+            if runner.device.type == "cuda":
+                torch.cuda.synchronize(runner.device)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+    finally:
+        for req in owners:
+            block_manager.free(req)
 
 
 def _verify_shaped_step(num_tokens: int, block_manager: BlockManager

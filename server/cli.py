@@ -20,7 +20,8 @@ from server import envs
 # Flags handled explicitly (positional in EngineConfig.from_options) or not meaningful as flags.
 _EXPLICIT = {"model", "device", "dtype", "cache", "scheduler", "speculative"}
 BENCHMARKS = {"serve": "bench.serve", "engine": "bench.engine", "spec": "bench.spec",
-              "compare": "bench.compare"}
+              "compare": "bench.compare", "kernels": "bench.kernels",
+              "peers": "bench.peers"}
 
 
 def _scalar_type(tp: Any) -> type | None:

@@ -88,3 +88,71 @@ def test_server_that_fails_to_load_is_reported_at_once(tmp_path):
     with pytest.raises(ChildProcessError, match="did not become healthy"):
         proc.wait_healthy(timeout=240)
     assert time.monotonic() - start < 60 and proc.proc.poll() is not None
+
+
+def _foreign_server():
+    """An OpenAI-compatible server that is not ours: streams two-token answers, and its
+    /metrics answers 501 (llama.cpp's without --metrics)."""
+    import socket
+    import threading
+
+    import uvicorn
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    def models():
+        return {"object": "list", "data": [{"id": "peer", "object": "model"}]}
+
+    @app.get("/metrics")
+    def metrics():
+        return JSONResponse({"error": {"message": "metrics disabled"}}, status_code=501)
+
+    @app.post("/v1/chat/completions")
+    def chat():
+        def events():
+            for word in ("hello", " world"):
+                yield f"data: {json.dumps({'choices': [{'index': 0, 'delta': {'content': word}}]})}\n\n"
+                time.sleep(0.01)
+            usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+            yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\ndata: [DONE]\n\n"
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.02)
+    return server, f"http://127.0.0.1:{port}"
+
+
+def test_bench_serve_works_against_a_server_without_our_metrics(tmp_path):
+    server, url = _foreign_server()
+    try:
+        out = tmp_path / "peer"
+        code = bench_serve.main(["--url", url, "--concurrency", "1,2", "--rounds", "1",
+                                 "--max-tokens", "2", "--out", str(out)])
+        assert code == 0
+        report = json.loads(out.with_suffix(".json").read_text())
+        for level in report["levels"]:
+            assert level["num_failed"] == 0 and level["aggregate_tok_s"] > 0
+            assert level["avg_verify_tokens_per_request"] != level["avg_verify_tokens_per_request"]  # NaN
+    finally:
+        server.should_exit = True
+
+
+def test_peers_ratios_against_llama_cpp():
+    from bench.peers import ratios
+    from bench.serve import LevelResult
+
+    def level(c, user, agg, ttft):
+        return LevelResult(c, 1, 0, 1.0, agg, user, user, ttft, ttft, 0.01, 1.0, [])
+
+    table = ratios({"llama.cpp": [level(1, 100.0, 100.0, 0.2), level(8, 20.0, 120.0, 1.0)],
+                    "ours": [level(1, 90.0, 90.0, 0.1), level(8, 25.0, 180.0, 0.4)]})
+    assert table["ours"]["1"] == {"per_user": 0.9, "aggregate": 0.9, "ttft_p50": 0.5}
+    assert table["ours"]["8"]["aggregate"] == 1.5 and table["ours"]["8"]["ttft_p50"] == 0.4
