@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from bench.common import RESULTS, save_result
+from bench.common import save_result
 from engine import LLM
 from engine.model import Linear
 from engine.quant import INT4_MAX_ROWS
@@ -44,10 +44,10 @@ def kernel_table(llm: LLM, rows: list[int], repeats: int) -> list[dict]:
             for m in rows:
                 x = torch.randn(m, lin.in_features, dtype=torch.bfloat16)
                 int4 = lin.int4
-                t4 = _time(lambda: int4(x), repeats)
+                t4 = _time(lambda int4=int4, x=x: int4(x), repeats)
                 lin.int4 = None
                 try:
-                    tb = _time(lambda: lin(x), repeats)
+                    tb = _time(lambda lin=lin, x=x: lin(x), repeats)
                 finally:
                     lin.int4 = int4
                 out.append({"weight": name, "shape": [lin.out_features, lin.in_features], "rows": m,

@@ -9,6 +9,7 @@ talks to it only through a thread-safe command queue, and receives outputs throu
 import asyncio
 import logging
 import queue
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -102,6 +103,8 @@ class AsyncLLM:
         if self._thread is not None:
             raise RuntimeError("AsyncLLM already started")
         self._loop = asyncio.get_running_loop()
+        if self.config.gil_switch_interval > 0:
+            sys.setswitchinterval(min(sys.getswitchinterval(), self.config.gil_switch_interval))
         self._idle = asyncio.Event()
         self._idle.set()
         self._thread = threading.Thread(target=self._run, name="dspark-engine", daemon=True)

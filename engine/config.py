@@ -62,6 +62,10 @@ class EngineConfig:
     seed: int = 0  # seeds the randomness of unseeded requests
     # Run each forward on a worker thread while the previous step's outputs are processed.
     overlap: bool = False
+    # Python's GIL switch interval (s) while `AsyncLLM` runs (0: leave Python's 5 ms). The
+    # engine thread and the event loop contend for the GIL; a thread asking for it waits up
+    # to this long, which a token's stream otherwise pays between steps.
+    gil_switch_interval: float = 0.0005
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
