@@ -14,6 +14,7 @@ Writes one JSON (with the ratios the issue asks for) and the per-user vs aggrega
 import argparse
 import asyncio
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -75,7 +76,7 @@ class LlamaServer:
     """`llama-server` on a free loopback port, logging to a file."""
 
     def __init__(self, binary: Path, model: Path, threads: int, slots: int, ctx_per_slot: int,
-                 log_path: Path) -> None:
+                 log_path: Path, extra_args: list[str] | None = None) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -84,7 +85,7 @@ class LlamaServer:
         self._log = open(log_path, "wb")  # noqa: SIM115 - the child writes it until terminate()
         self.proc = subprocess.Popen(
             [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
-             "-np", str(slots), "-c", str(slots * ctx_per_slot), "--metrics"],
+             "-np", str(slots), "-c", str(slots * ctx_per_slot), "--metrics", *(extra_args or [])],
             stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait_healthy(self, timeout: float = 120) -> "LlamaServer":
@@ -111,11 +112,13 @@ class LlamaServer:
         self._log.close()
 
 
-def run_llama(binary: Path, sweep_argv: list[str], threads: int) -> list[LevelResult]:
+def run_llama(binary: Path, sweep_argv: list[str], threads: int, extra_args: list[str]) -> list[LevelResult]:
     args = parse_serve_args(sweep_argv)
     log = Path(tempfile.mkdtemp(prefix="dspark-llama-")) / "llama-server.log"
-    print(f"[llama.cpp] {binary} -t {threads} -np {max(args.concurrency)} (log: {log})", file=sys.stderr)
-    server = LlamaServer(binary, default_model_path(), threads, max(args.concurrency), 1024, log).wait_healthy()
+    print(f"[llama.cpp] {binary} -t {threads} -np {max(args.concurrency)} {shlex.join(extra_args)} (log: {log})",
+          file=sys.stderr)
+    server = LlamaServer(binary, default_model_path(), threads, max(args.concurrency), 1024, log,
+                         extra_args).wait_healthy()
     try:
         return asyncio.run(sweep(server.url, args))[1]
     finally:
@@ -149,18 +152,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--llama-server", type=Path, default=None,
                     help=f"a llama-server binary (default: built from llama-cpp-python {LLAMA_CPP_PYTHON})")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    # ggml's AMX kernels (the only repacked path for Q4_1) crash on the development VM
+    # (SIGSEGV in ggml_backend_amx_mul_mat); without repacking llama.cpp runs its AVX-512 kernels
+    ap.add_argument("--llama-args", default="--no-repack", help="extra llama-server flags")
     ap.add_argument("--server-args", default="", help="flags added to each of our servers")
     ap.add_argument("--out", type=Path, default=None)
     args, sweep_argv = ap.parse_known_args(argv)
     binary = args.llama_server or build_llama_server()
-    results: dict[str, list[LevelResult]] = {"llama.cpp": run_llama(binary, sweep_argv, args.threads)}
+    llama_args = shlex.split(args.llama_args)
+    results: dict[str, list[LevelResult]] = {"llama.cpp": run_llama(binary, sweep_argv, args.threads, llama_args)}
     for name, flags in OURS.items():
         results[name] = run_config(name, f"{flags} --num-threads {args.threads} {args.server_args}", sweep_argv)
     out = args.out or RESULTS / f"peers-{time.strftime('%Y%m%d-%H%M%S')}"
     out.parent.mkdir(parents=True, exist_ok=True)
     table = ratios(results)
     report = {"benchmark": "serve_peers", "llama_server": str(binary), "threads": args.threads,
-              "configs": {"llama.cpp": f"-t {args.threads} -np <max concurrency> --metrics", **OURS},
+              "configs": {"llama.cpp": f"-t {args.threads} -np <max concurrency> --metrics {args.llama_args}", **OURS},
               "ratios_vs_llama_cpp": table,
               "results": {n: [{k: v for k, v in asdict(lv).items() if k != "requests"} for lv in levels]
                           for n, levels in results.items()}}

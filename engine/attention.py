@@ -48,6 +48,10 @@ class _Group:
     mask: torch.Tensor | None  # [S, 1, Qmax, NB * block_size] bool; None: plain causal
     valid: torch.Tensor  # [n] rows of the padded [S*Qmax] output that are real tokens
     token_index: torch.Tensor  # [n] their flat token indices
+    # the step's only group, its padded rows exactly the step's tokens in order (decodes or
+    # verifies of equal length, one prompt chunk): queries are a view, the output needs no
+    # scatter
+    identity: bool = False
 
 
 @dataclass(slots=True)
@@ -79,7 +83,7 @@ class TorchAttention(AttentionBackend):
         if len(reqs) == 1 and batch.context_lens[reqs[0]] == 0:
             # A fresh prompt chunk: its keys are exactly its own tokens, plain causal attention.
             idx = starts[0] + qi
-            return _Group(idx[None], None, None, qi, idx)
+            return _Group(idx[None], None, None, qi, idx, identity=batch.num_reqs == 1)
         is_query = qi[None, :] < q_lens[:, None]  # [S, Qmax]
         q_index = torch.where(is_query, starts[:, None] + qi[None, :], 0)
         seq_lens = ctx + q_lens
@@ -98,7 +102,8 @@ class TorchAttention(AttentionBackend):
         visible = pos[None, None, :] <= (ctx[:, None] + qi[None, :])[:, :, None]
         mask = torch.where(is_query[:, :, None], visible, pos[None, None, :] == 0)[:, None]
         valid = is_query.reshape(-1).nonzero()[:, 0]
-        return _Group(q_index, kv_blocks, mask, valid, q_index.reshape(-1).index_select(0, valid))
+        identity = reqs == list(range(batch.num_reqs)) and all(batch.query_lens[r] == q_max for r in reqs)
+        return _Group(q_index, kv_blocks, mask, valid, q_index.reshape(-1).index_select(0, valid), identity)
 
     def attend(self, q, k, v, k_cache, v_cache, meta: _TorchMeta, scale):
         """SDPA in the model's dtype: on CPU with torch 2.13, bf16 SDPA beats fp32 at decode,
@@ -106,10 +111,11 @@ class TorchAttention(AttentionBackend):
         k_cache.view(-1, *k_cache.shape[-2:]).index_copy_(0, meta.slot_mapping, k)
         v_cache.view(-1, *v_cache.shape[-2:]).index_copy_(0, meta.slot_mapping, v)
         num_heads, head_dim = q.shape[1], q.shape[2]
-        out = torch.empty_like(q)
+        out = None
         for g in meta.groups:
             # index_select on flat indices: advanced indexing of a large tensor is far slower on CPU
-            qg = _gather(q, g.q_index).transpose(1, 2)  # [S, H, Qmax, D]
+            qg = q.view(*g.q_index.shape, num_heads, head_dim) if g.identity else _gather(q, g.q_index)
+            qg = qg.transpose(1, 2)  # [S, H, Qmax, D]
             if g.kv_blocks is None:
                 kg = k.index_select(0, g.token_index)[None].transpose(1, 2)
                 vg = v.index_select(0, g.token_index)[None].transpose(1, 2)
@@ -122,6 +128,10 @@ class TorchAttention(AttentionBackend):
                 o = F.scaled_dot_product_attention(qg, kg.transpose(1, 2), vg.transpose(1, 2),
                                                    attn_mask=g.mask, scale=scale, enable_gqa=True)
             o = o.transpose(1, 2).reshape(-1, num_heads, head_dim)
+            if g.identity:  # the step's only group
+                return o
+            if out is None:
+                out = torch.empty_like(q)
             out.index_copy_(0, g.token_index, o.index_select(0, g.valid))
         return out
 
