@@ -33,6 +33,11 @@ def median(xs: list[float]) -> float:
     return float("nan") if n == 0 else (s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2)
 
 
+def with_ext(stem: Path, ext: str) -> Path:
+    """`stem` + `ext`: an --out stem may hold dots (`gil-0.5ms`), which `with_suffix` would cut."""
+    return stem.with_name(stem.name + ext)
+
+
 def save_result(name: str, result: dict[str, Any], out: str | None = None) -> Path:
     """Write JSON with the command line and machine facts next to the figures."""
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from bench.common import RESULTS, save_result
+from bench.common import RESULTS, save_result, with_ext
 from bench.serve import LevelResult, sweep
 from bench.serve import parse_args as parse_serve_args
 from server.process import ServerProcess
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"benchmark": "serve_compare", "configs": dict(configs),
               "results": {n: [{k: v for k, v in asdict(lv).items() if k != "requests"} for lv in levels]
                           for n, levels in results.items()}}
-    save_result("compare", report, str(out.with_suffix(".json")))
+    save_result("compare", report, str(with_ext(out, ".json")))
     pngs = plot(results, out)
     print(f"{'config':>18} {'conc':>4} {'agg tok/s':>9} {'user tok/s':>10} {'verify/req':>10} {'accept':>6}")
     for name, levels in results.items():
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:>18} {lv.concurrency:>4} {lv.aggregate_tok_s:>9.1f} "
                   f"{lv.median_per_user_tok_s:>10.1f} {lv.avg_verify_tokens_per_request:>10.2f} "
                   f"{lv.acceptance_rate:>6.2f}")
-    print(f"wrote {out.with_suffix('.json')}, {pngs[0].name}, {pngs[1].name}")
+    print(f"wrote {with_ext(out, '.json')}, {pngs[0].name}, {pngs[1].name}")
     return 0
 
 

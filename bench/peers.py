@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import RESULTS, save_result
+from bench.common import RESULTS, save_result, with_ext
 from bench.compare import plot, run_config
 from bench.serve import LevelResult, sweep
 from bench.serve import parse_args as parse_serve_args
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
               "ratios_vs_llama_cpp": table,
               "results": {n: [{k: v for k, v in asdict(lv).items() if k != "requests"} for lv in levels]
                           for n, levels in results.items()}}
-    save_result("peers", report, str(out.with_suffix(".json")))
+    save_result("peers", report, str(with_ext(out, ".json")))
     pngs = plot(results, out)
     print(f"{'server':>22} {'conc':>4} {'agg tok/s':>9} {'user tok/s':>10} {'TTFT p50':>8}")
     for name, levels in results.items():
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         for c, r in levels.items():
             print(f"{name} / llama.cpp at c={c}: per-user {r['per_user']:.2f}x, aggregate "
                   f"{r['aggregate']:.2f}x, TTFT p50 {r['ttft_p50']:.2f}x")
-    print(f"wrote {out.with_suffix('.json')} and {pngs[0].name}")
+    print(f"wrote {with_ext(out, '.json')} and {pngs[0].name}")
     return 0 if all(lv.num_failed == 0 for levels in results.values() for lv in levels) else 1
 
 

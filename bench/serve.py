@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
-from bench.common import RESULTS, SHARED_PROMPTS, load_turns, median, save_result
+from bench.common import RESULTS, SHARED_PROMPTS, load_turns, median, save_result, with_ext
 from server import envs
 from server.process import ServerProcess
 
@@ -303,9 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         "per_user_tok_s": "(completion tokens - 1) / (last content chunk - first content chunk)",
         "levels": [asdict(lv) for lv in levels],
     }
-    save_result("serve", report, str(out.with_suffix(".json")))  # adds command line, machine
+    save_result("serve", report, str(with_ext(out, ".json")))  # adds command line, machine
     plot(levels, f"{model} ({'launched' if args.launch else url}), max_tokens {args.max_tokens}",
-         out.with_suffix(".png"))
+         with_ext(out, ".png"))
     print(f"{'conc':>4} {'reqs':>4} {'fail':>4} {'agg tok/s':>9} {'user tok/s':>10} "
           f"{'TTFT s':>7} {'ITL ms':>7} {'e2e s':>6}")
     for lv in levels:
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{lv.aggregate_tok_s:>9.1f} {_fmt(lv.median_per_user_tok_s, 1):>10} "
               f"{_fmt(lv.median_ttft_s, 2):>7} {_fmt(lv.median_itl_s, 1, 1000):>7} "
               f"{_fmt(lv.median_e2e_s, 1):>6}")
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    print(f"wrote {with_ext(out, '.json')} and {with_ext(out, '.png')}")
     return 1 if any(lv.num_failed for lv in levels) else 0
 
 

@@ -133,11 +133,11 @@ def _foreign_server():
 def test_bench_serve_works_against_a_server_without_our_metrics(tmp_path):
     server, url = _foreign_server()
     try:
-        out = tmp_path / "peer"
+        out = tmp_path / "peer-0.5ms"  # a dot in the stem stays in the file name
         code = bench_serve.main(["--url", url, "--concurrency", "1,2", "--rounds", "1",
                                  "--max-tokens", "2", "--out", str(out)])
         assert code == 0
-        report = json.loads(out.with_suffix(".json").read_text())
+        report = json.loads(out.with_name(out.name + ".json").read_text())
         for level in report["levels"]:
             assert level["num_failed"] == 0 and level["aggregate_tok_s"] > 0
             assert level["avg_verify_tokens_per_request"] != level["avg_verify_tokens_per_request"]  # NaN
