@@ -81,6 +81,16 @@ def plot(results: dict[str, list[LevelResult]], path_prefix: Path) -> list[Path]
     return paths
 
 
+def save_sweeps(name: str, results: dict[str, list[LevelResult]], out: Path | None, **report) -> tuple[Path, list[Path]]:
+    """One JSON (levels without their per-request rows) and the plots for several sweeps."""
+    out = out or RESULTS / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report["results"] = {n: [{k: v for k, v in asdict(lv).items() if k != "requests"} for lv in levels]
+                         for n, levels in results.items()}
+    save_result(name, report, str(with_ext(out, ".json")))
+    return out, plot(results, out)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="dspark bench compare", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -94,13 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[LevelResult]] = {}
     for name, flags in configs:
         results[name] = run_config(name, f"{flags} {args.server_args}", sweep_argv)
-    out = args.out or RESULTS / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"benchmark": "serve_compare", "configs": dict(configs),
-              "results": {n: [{k: v for k, v in asdict(lv).items() if k != "requests"} for lv in levels]
-                          for n, levels in results.items()}}
-    save_result("compare", report, str(with_ext(out, ".json")))
-    pngs = plot(results, out)
+    out, pngs = save_sweeps("compare", results, args.out, benchmark="serve_compare", configs=dict(configs))
     print(f"{'config':>18} {'conc':>4} {'agg tok/s':>9} {'user tok/s':>10} {'verify/req':>10} {'accept':>6}")
     for name, levels in results.items():
         for lv in levels:

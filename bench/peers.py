@@ -22,13 +22,12 @@ import sys
 import tarfile
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import httpx
 
-from bench.common import RESULTS, save_result, with_ext
-from bench.compare import plot, run_config
+from bench.common import with_ext
+from bench.compare import run_config, save_sweeps
 from bench.serve import LevelResult, sweep
 from bench.serve import parse_args as parse_serve_args
 from engine.loader import default_model_path
@@ -163,16 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[LevelResult]] = {"llama.cpp": run_llama(binary, sweep_argv, args.threads, llama_args)}
     for name, flags in OURS.items():
         results[name] = run_config(name, f"{flags} --num-threads {args.threads} {args.server_args}", sweep_argv)
-    out = args.out or RESULTS / f"peers-{time.strftime('%Y%m%d-%H%M%S')}"
-    out.parent.mkdir(parents=True, exist_ok=True)
     table = ratios(results)
-    report = {"benchmark": "serve_peers", "llama_server": str(binary), "threads": args.threads,
-              "configs": {"llama.cpp": f"-t {args.threads} -np <max concurrency> --metrics {args.llama_args}", **OURS},
-              "ratios_vs_llama_cpp": table,
-              "results": {n: [{k: v for k, v in asdict(lv).items() if k != "requests"} for lv in levels]
-                          for n, levels in results.items()}}
-    save_result("peers", report, str(with_ext(out, ".json")))
-    pngs = plot(results, out)
+    configs = {"llama.cpp": f"-t {args.threads} -np <max concurrency> --metrics {args.llama_args}", **OURS}
+    out, pngs = save_sweeps("peers", results, args.out, benchmark="serve_peers", llama_server=str(binary),
+                            threads=args.threads, configs=configs, ratios_vs_llama_cpp=table)
     print(f"{'server':>22} {'conc':>4} {'agg tok/s':>9} {'user tok/s':>10} {'TTFT p50':>8}")
     for name, levels in results.items():
         for lv in levels:
