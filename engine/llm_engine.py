@@ -133,12 +133,14 @@ class LLMEngine:
         prompt_ids = self.tokenize_prompt(prompt)
         req_id = req_id if req_id is not None else f"req-{next(self._ids)}"
         self.validate_lengths(len(prompt_ids), params)
+        self.validate_token_ids(params)
         req = Request(req_id, prompt_ids, params, eos_token_ids=self.tokenizer.eos_token_ids,
                       max_model_len=self.max_model_len)
         if arrival_time is not None:
             req.arrival_time = arrival_time
         self.scheduler.add_request(req)
-        self.output_processor.add_request(req_id, prompt_ids, list(params.stop), req.arrival_time)
+        self.output_processor.add_request(req_id, prompt_ids, list(params.stop), req.arrival_time,
+                                          logprobs=params.logprobs is not None)
         return req_id
 
     def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:
@@ -157,6 +159,13 @@ class LLMEngine:
             raise InvalidRequest(
                 f"this model's maximum context length is {self.max_model_len} tokens, but the prompt "
                 f"has {num_prompt_tokens} tokens (at least one token must be left to generate)", "messages")
+
+    def validate_token_ids(self, params: SamplingParams) -> None:
+        vocab = self.arch.vocab_size
+        if any(t >= vocab for t in params.logit_bias):
+            raise InvalidRequest(f"logit_bias keys must be token ids in [0, {vocab})", "logit_bias")
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise InvalidRequest(f"stop_token_ids must be token ids in [0, {vocab})", "stop_token_ids")
 
     def abort_request(self, req_id: str) -> None:
         self.scheduler.finish_request(req_id, RequestStatus.FINISHED_ABORTED)

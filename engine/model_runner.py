@@ -11,9 +11,19 @@ from engine.flat_batch import FlatBatch
 from engine.kv_cache import PagedKVCache
 from engine.model import AttentionContext, CausalLM
 from engine.sampler import Sampler
-from scheduler import ModelRunnerOutput, SchedulerOutput
+from engine.logits_processor import RowContext
+from scheduler import ModelRunnerOutput, ScheduledRequest, SchedulerOutput, TokenLogprob
 
 logger = logging.getLogger(__name__)
+
+
+def _row_context(s: ScheduledRequest, drafts: list[int]) -> RowContext:
+    """Bias and penalties need the committed tokens only; skip the copies otherwise."""
+    if not s.params.processes_logits:
+        return RowContext(s.params, [], [], drafts)
+    assert s.history is not None, "the scheduler hands every sampled request its history"
+    split = len(s.history) - s.num_output_tokens
+    return RowContext(s.params, s.history[:split], s.history[split:], drafts)
 
 
 class ModelRunner:
@@ -35,6 +45,7 @@ class ModelRunner:
             self._forget(req_id)
         req_ids = [s.req_id for s in sched_out.scheduled]
         sampled: list[list[int]] = [[] for _ in req_ids]
+        logprobs: list[list[TokenLogprob] | None] = [None for _ in req_ids]
         if not req_ids:
             return ModelRunnerOutput(req_ids, sampled)
         t0 = time.perf_counter()
@@ -45,11 +56,13 @@ class ModelRunner:
             reqs = [sched_out.scheduled[r] for r in batch.sampled_req_indices]
             drafts = [s.token_ids[len(s.token_ids) - s.num_draft_tokens:] for s in reqs]
             draft_probs = [self._draft_probs_for(s) for s in reqs]
-            tokens = self.sampler.verify(logits, [s.params for s in reqs],
-                                         [s.num_output_tokens for s in reqs], drafts, draft_probs)
-            for r, new in zip(batch.sampled_req_indices, tokens):
+            contexts = [_row_context(s, d) for s, d in zip(reqs, drafts)]
+            verified = self.sampler.verify(logits, [s.params for s in reqs],
+                                           [s.num_output_tokens for s in reqs], drafts, draft_probs, contexts)
+            for r, new, lp in zip(batch.sampled_req_indices, verified.token_ids, verified.logprobs):
                 sampled[r] = new
-        out = ModelRunnerOutput(req_ids, sampled)
+                logprobs[r] = lp
+        out = ModelRunnerOutput(req_ids, sampled, logprobs)
         t1 = time.perf_counter()  # sampling synchronised with the device (it reads tokens back)
         out.forward_seconds = t1 - t0
         if self.drafter is not None:
@@ -80,7 +93,7 @@ class ModelRunner:
             num_committed = s.num_tokens - s.num_draft_tokens + num_accepted  # now in the KV
             ctx = None if features is None else features[starts[r]:starts[r] + num_committed]
             inputs.append(DraftInput(s.req_id, s.history + new, s.start_pos + num_committed, ctx,
-                                     wants_proposal=bool(new) and positions != 0,
+                                     wants_proposal=bool(new) and positions != 0 and s.params.speculative,
                                      temperature=s.params.temperature, max_draft_tokens=positions))
             rows.append(r)
         out.draft_token_ids = [[] for _ in out.req_ids]

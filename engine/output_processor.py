@@ -4,7 +4,7 @@ import time
 from dataclasses import dataclass, field
 
 from engine.tokenizer import Tokenizer
-from scheduler import RequestUpdate
+from scheduler import RequestUpdate, TokenLogprob
 
 
 @dataclass(slots=True)
@@ -28,6 +28,9 @@ class RequestOutput:
     num_spec_rounds: int = 0
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    # one per token of `token_ids` / `delta_token_ids`, when the request asked for logprobs
+    logprobs: list[TokenLogprob] | None = None
+    delta_logprobs: list[TokenLogprob] | None = None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -48,6 +51,7 @@ class _RequestState:
     num_spec_rounds: int = 0
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None
 
 
 class OutputProcessor:
@@ -56,8 +60,9 @@ class OutputProcessor:
         self._states: dict[str, _RequestState] = {}
 
     def add_request(self, req_id: str, prompt_token_ids: list[int], stop: list[str],
-                    arrival_time: float) -> None:
-        self._states[req_id] = _RequestState(req_id, prompt_token_ids, stop, arrival_time)
+                    arrival_time: float, logprobs: bool = False) -> None:
+        self._states[req_id] = _RequestState(req_id, prompt_token_ids, stop, arrival_time,
+                                             logprobs=[] if logprobs else None)
 
     def knows(self, req_id: str) -> bool:
         return req_id in self._states
@@ -79,14 +84,18 @@ class OutputProcessor:
         hit = None
         if st.stop:
             # One token at a time: a stop string inside an accepted run ends the output there.
-            for token_id in update.new_token_ids:
+            for k, token_id in enumerate(update.new_token_ids):
                 st.token_ids.append(token_id)
+                if st.logprobs is not None and update.logprobs is not None:
+                    st.logprobs.append(update.logprobs[k])
                 st.text = self.tokenizer.decode(st.token_ids)
                 hit = self._find_stop(st)
                 if hit is not None:
                     break
         else:
             st.token_ids.extend(update.new_token_ids)
+            if st.logprobs is not None and update.logprobs is not None:
+                st.logprobs.extend(update.logprobs)
             st.text = self.tokenizer.decode(st.token_ids)
         finish_reason, stop_reason = update.finish_reason, None
         if hit is not None:
@@ -99,6 +108,7 @@ class OutputProcessor:
         delta_text = st.text[st.sent_text_len:end]
         st.sent_text_len = max(st.sent_text_len, end)
         delta_ids = st.token_ids[st.sent_token_len:]
+        delta_logprobs = None if st.logprobs is None else st.logprobs[st.sent_token_len:]
         st.sent_token_len = len(st.token_ids)
         out = RequestOutput(
             req_id=st.req_id, prompt_token_ids=st.prompt_token_ids, token_ids=list(st.token_ids),
@@ -107,6 +117,7 @@ class OutputProcessor:
             first_token_time=st.first_token_time, finished_time=now if finished else None,
             num_spec_rounds=st.num_spec_rounds, num_draft_tokens=st.num_draft_tokens,
             num_accepted_tokens=st.num_accepted_tokens,
+            logprobs=None if st.logprobs is None else list(st.logprobs), delta_logprobs=delta_logprobs,
         )
         if finished:
             del self._states[st.req_id]

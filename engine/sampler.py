@@ -1,12 +1,16 @@
-"""Token sampling: temperature, top-k, top-p, per-request seeds.
+"""Token sampling: bias and penalties, temperature, min-p, top-k, top-p, per-request seeds;
+lossless verification of draft tokens; the emitted tokens' log-probabilities.
 
 Randomness of a seeded request depends only on (seed, output position), never on which other
 requests share the batch or on preemption, so seeded outputs are reproducible.
 """
 
+from dataclasses import dataclass
+
 import torch
 
-from scheduler import SamplingParams
+from engine.logits_processor import RowContext, process_logits
+from scheduler import SamplingParams, TokenLogprob
 
 _MASK64 = (1 << 63) - 1
 
@@ -20,6 +24,9 @@ def target_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Te
     temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params],
                          device=logits.device)
     logits = logits / temps[:, None]
+    min_p = [p.min_p for p in params]
+    if any(min_p):
+        logits = _apply_min_p(logits, min_p)
     top_k = [max(0, p.top_k) for p in params]
     top_p = [p.top_p for p in params]
     if any(top_k) or any(p < 1.0 for p in top_p):
@@ -32,6 +39,13 @@ def target_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Te
         one_hot.scatter_(1, logits[rows].argmax(dim=-1, keepdim=True), 1.0)
         probs[rows] = one_hot
     return probs
+
+
+def _apply_min_p(logits: torch.Tensor, min_p: list[float]) -> torch.Tensor:
+    """Drop tokens less likely than min_p times the most likely one (vLLM's min_p)."""
+    probs = logits.softmax(dim=-1)
+    floor = probs.amax(dim=-1, keepdim=True) * torch.tensor(min_p, device=logits.device)[:, None]
+    return logits.masked_fill(probs < floor, float("-inf"))
 
 
 def _apply_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
@@ -90,6 +104,43 @@ def _uniforms(p: SamplingParams, position: int, n: int, device: torch.device,
                       for k in range(n)])
 
 
+@dataclass(slots=True)
+class Verified:
+    """Per request: the committed tokens (accepted drafts, then one sampled token) and, when
+    the request asked, each one's log-probability."""
+
+    token_ids: list[list[int]]
+    logprobs: list[list[TokenLogprob] | None]
+
+
+def token_logprobs(logits: torch.Tensor, params: list[SamplingParams], draft_ids: list[list[int]],
+                   token_ids: list[list[int]]) -> list[list[TokenLogprob] | None]:
+    """Log-probabilities of the emitted tokens under the processed logits at temperature
+    (greedy: 1), before the min-p / top-k / top-p filters, so alternatives stay finite.
+
+    Emitted token k of a request comes from its row k: accepted drafts are scored where they
+    were verified, the final token at the first rejected (or the bonus) position, exactly the
+    rows plain decoding would have sampled them from.
+    """
+    out: list[list[TokenLogprob] | None] = []
+    base = 0
+    for p, drafts, tokens in zip(params, draft_ids, token_ids):
+        if p.logprobs is None:
+            out.append(None)
+        else:
+            temp = p.temperature if p.temperature > 0 else 1.0
+            logp = (logits[base:base + len(tokens)].float() / temp).log_softmax(dim=-1)
+            chosen = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
+            if p.logprobs:
+                top_values, top_ids = logp.topk(p.logprobs, dim=-1)
+                tops = [tuple(zip(i, v)) for i, v in zip(top_ids.tolist(), top_values.tolist())]
+            else:
+                tops = [()] * len(tokens)
+            out.append([TokenLogprob(t, lp, top) for t, lp, top in zip(tokens, chosen, tops)])
+        base += len(drafts) + 1
+    return out
+
+
 class Sampler:
     """Plain sampling and lossless verification of draft tokens, in one code path.
 
@@ -97,7 +148,9 @@ class Sampler:
     probability min(1, p_t(x_k) / p_d(x_k)); at the first rejection the token is resampled from
     norm(max(0, p_t - p_d)); if all ℓ_i are accepted a bonus token is sampled from the last row.
     With ℓ_i = 0 this is plain sampling. Greedy requests (p_t one-hot) accept exactly the drafts
-    that equal the argmax. Deterministic drafters (p_d None) mean one-hot p_d.
+    that equal the argmax. Deterministic drafters (p_d None) mean one-hot p_d. Bias and
+    penalties are applied per row first (engine/logits_processor.py), so every row is the
+    distribution plain decoding would sample from at that position.
     """
 
     def __init__(self, device: torch.device, seed: int) -> None:
@@ -109,14 +162,28 @@ class Sampler:
                positions: list[int]) -> list[int]:
         """One token per row of `logits` [N, V]; `positions` are the rows' output indices."""
         out = self.verify(logits, params, positions, [[] for _ in params], [None] * len(params))
-        return [t[0] for t in out]
+        return [t[0] for t in out.token_ids]
 
     def verify(self, logits: torch.Tensor, params: list[SamplingParams], positions: list[int],
-               draft_ids: list[list[int]], draft_probs: list[torch.Tensor | None]) -> list[list[int]]:
-        """logits [Σ(1 + ℓ_i), V] -> per request the accepted drafts plus one new token."""
-        num_draft = [len(d) for d in draft_ids]
+               draft_ids: list[list[int]], draft_probs: list[torch.Tensor | None],
+               contexts: list[RowContext] | None = None) -> Verified:
+        """logits [Σ(1 + ℓ_i), V] -> per request the accepted drafts plus one new token.
+
+        `contexts` (the requests' tokens) are needed when any request has bias or penalties.
+        """
+        if contexts is not None:
+            logits = process_logits(logits.float(), contexts)
+        elif any(p.processes_logits for p in params):
+            raise ValueError("requests with logit bias or penalties need their row contexts")
         if all(p.temperature == 0 for p in params):
-            return self._verify_greedy(logits, draft_ids)
+            tokens = self._verify_greedy(logits, draft_ids)
+        else:
+            tokens = self._verify_sampled(logits, params, positions, draft_ids, draft_probs)
+        return Verified(tokens, token_logprobs(logits, params, draft_ids, tokens))
+
+    def _verify_sampled(self, logits: torch.Tensor, params: list[SamplingParams], positions: list[int],
+                        draft_ids: list[list[int]], draft_probs: list[torch.Tensor | None]) -> list[list[int]]:
+        num_draft = [len(d) for d in draft_ids]
         row_params = [p for p, n in zip(params, num_draft) for _ in range(n + 1)]
         probs = target_probs(logits, row_params)  # [R, V]
         cu = [0]

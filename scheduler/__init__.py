@@ -8,7 +8,13 @@ from scheduler.errors import (
     InvalidRequest,
     ModelLoadError,
 )
-from scheduler.outputs import ModelRunnerOutput, RequestUpdate, ScheduledRequest, SchedulerOutput
+from scheduler.outputs import (
+    ModelRunnerOutput,
+    RequestUpdate,
+    ScheduledRequest,
+    SchedulerOutput,
+    TokenLogprob,
+)
 from scheduler.request import Request, RequestStatus
 from scheduler.sampling_params import SamplingParams
 from scheduler.scheduler import Scheduler, SchedulerConfig
@@ -18,5 +24,6 @@ __all__ = [
     "BlockManager", "CapacityExceeded", "DSparkError", "EngineDead", "InvalidRequest",
     "ModelLoadError", "ModelRunnerOutput", "Request", "RequestStatus", "RequestUpdate",
     "SamplingParams", "ScheduledRequest", "Scheduler", "SchedulerConfig", "SchedulerOutput",
+    "TokenLogprob",
     "plan_verify_lengths",
 ]

@@ -5,6 +5,16 @@ from dataclasses import dataclass, field
 from scheduler.sampling_params import SamplingParams
 
 
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """The target's log-probability of one emitted token (after the request's bias, penalties
+    and temperature), and the `top` most likely tokens at that position, most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass(slots=True)
 class ScheduledRequest:
     """What one request runs this step: `token_ids` at positions `start_pos`..., KV in `block_table`."""
@@ -60,6 +70,8 @@ class ModelRunnerOutput:
 
     req_ids: list[str]
     sampled_token_ids: list[list[int]]
+    # per request, one entry per sampled token (None: the request asked for no logprobs)
+    logprobs: list[list[TokenLogprob] | None] | None = None
     draft_token_ids: list[list[int]] | None = None
     draft_confidences: list[list[float] | None] | None = None
     forward_seconds: float = 0.0  # target forward and (rejection) sampling
@@ -79,3 +91,4 @@ class RequestUpdate:
     num_prompt_tokens: int
     num_draft_tokens: int = 0  # verified this step
     num_accepted_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked

@@ -7,6 +7,7 @@ from scheduler.errors import InvalidRequest
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 256
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound for chat's top_logprobs
 
 
 @dataclass(slots=True)
@@ -21,6 +22,17 @@ class SamplingParams:
     stop: list[str] | str | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    # Logits processing, in vLLM's order: bias, then penalties, then temperature, then the
+    # min-p / top-k / top-p filters. Frequency and presence count the generated tokens (OpenAI),
+    # repetition divides the logits of every token seen in prompt or output (vLLM's extra).
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    # None: no log-probabilities; k >= 0: the chosen token's plus the k most likely alternatives
+    logprobs: int | None = None
+    speculative: bool = True  # False: this request is never drafted for (plain decoding)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -31,6 +43,9 @@ class SamplingParams:
             raise InvalidRequest("stop_token_ids must be a list of integers", "stop_token_ids")
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if not isinstance(self.logit_bias, dict):
+            raise InvalidRequest("logit_bias must map token ids to biases", "logit_bias")
+        self.logit_bias = dict(self.logit_bias)
         self.validate()
 
     def validate(self) -> None:
@@ -53,10 +68,39 @@ class SamplingParams:
                 )
         if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
             raise InvalidRequest("stop_token_ids must be non-negative integers", "stop_token_ids")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2.0 <= value <= 2.0:
+                raise InvalidRequest(f"{name} must be in [-2, 2], got {value!r}", name)
+        if not _is_number(self.repetition_penalty) or not 0.0 < self.repetition_penalty <= 10.0:
+            raise InvalidRequest(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty!r}",
+                                 "repetition_penalty")
+        if not _is_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise InvalidRequest(f"min_p must be in [0, 1], got {self.min_p!r}", "min_p")
+        for token_id, bias in self.logit_bias.items():
+            if not _is_int(token_id) or token_id < 0:
+                raise InvalidRequest(f"logit_bias keys must be token ids, got {token_id!r}", "logit_bias")
+            if not _is_number(bias) or not -100.0 <= bias <= 100.0:
+                raise InvalidRequest(f"logit_bias values must be in [-100, 100], got {bias!r}", "logit_bias")
+        if self.logprobs is not None and (not _is_int(self.logprobs)
+                                          or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
+            raise InvalidRequest(f"the number of top logprobs must be in [0, {MAX_TOP_LOGPROBS}], "
+                                 f"got {self.logprobs!r}", "top_logprobs")
+        if not isinstance(self.speculative, bool):
+            raise InvalidRequest("speculative must be a boolean", "speculative")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether bias or penalties change this request's logits before temperature."""
+        return bool(self.logit_bias) or self.has_penalties
 
 
 def _is_int(x: object) -> bool:

@@ -177,8 +177,10 @@ class Scheduler:
                 req.draft_confidences = (runner_out.draft_confidences[idx]
                                          if runner_out.draft_confidences else None)
             if new_ids or status is not None:
+                logprobs = runner_out.logprobs[idx] if runner_out.logprobs else None
                 updates.append(RequestUpdate(req_id, new_ids, status.finish_reason if status else None,
-                                             req.num_prompt_tokens, sched.num_draft_tokens, num_accepted))
+                                             req.num_prompt_tokens, sched.num_draft_tokens, num_accepted,
+                                             None if logprobs is None else logprobs[:len(new_ids)]))
         return updates
 
     # ---- helpers ----------------------------------------------------------------------
@@ -198,7 +200,10 @@ class Scheduler:
 
     @staticmethod
     def _max_useful_drafts(req: Request) -> int:
-        """Drafts beyond max_tokens or the context length could never be emitted."""
+        """Drafts beyond max_tokens or the context length could never be emitted; a request
+        that turned speculation off gets none."""
+        if not req.params.speculative:
+            return 0
         return max(0, min(len(req.draft_token_ids),
                           req.params.max_tokens - req.num_output_tokens - 1,
                           req.max_model_len - req.num_tokens - 1))

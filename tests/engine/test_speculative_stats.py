@@ -13,7 +13,7 @@ from engine import LLM, SamplingParams
 from engine.sampler import Sampler
 from tests.conftest import make_tiny_model
 
-pytestmark = pytest.mark.slow  # 4 x 40k generations: make test runs it, make test-fast skips it
+pytestmark = pytest.mark.slow  # 6 x 40k generations: make test runs it, make test-fast skips it
 
 VOCAB = 8
 NUM_SAMPLES = 20_000
@@ -88,6 +88,10 @@ VARIANTS = {
     "temperature": SamplingParams(max_tokens=4, temperature=1.0, ignore_eos=True),
     "top_k": SamplingParams(max_tokens=4, temperature=0.8, top_k=4, ignore_eos=True),
     "top_p": SamplingParams(max_tokens=4, temperature=1.2, top_p=0.7, ignore_eos=True),
+    # each verify row must count the drafts before it: tokens 2 and 3 depend on tokens 1-2
+    "penalties": SamplingParams(max_tokens=4, temperature=1.0, frequency_penalty=1.5, presence_penalty=0.5,
+                                repetition_penalty=1.3, logit_bias={3: 2.0, 6: -1.0}, min_p=0.02,
+                                ignore_eos=True),
 }
 
 
@@ -99,6 +103,20 @@ def test_speculative_matches_plain_sampling(tiny_vocab_dir, variant):
     assert sum(plain.values()) == sum(spec.values()) == NUM_SAMPLES
     assert len(plain) > 20  # the joint of 3 tokens is spread over many cells
     assert same_distribution_p(plain, spec) > 0.001
+
+
+def test_penalties_that_ignore_the_drafts_are_detected(tiny_vocab_dir, monkeypatch):
+    """Counting only committed tokens in every verify row (a natural mistake) is not lossless,
+    and the chi-square test sees it: the penalties variant above has the power to fail."""
+    from engine import logits_processor
+
+    params = VARIANTS["penalties"]
+    plain = first_tokens(tiny_vocab_dir, params, None, seed=1)
+    counts = logits_processor.output_counts
+    monkeypatch.setattr(logits_processor, "output_counts",
+                        lambda out, drafts, vocab, device: counts(out, [], vocab, device).expand(len(drafts) + 1, vocab))
+    broken = first_tokens(tiny_vocab_dir, params, RandomDrafter(3, seed=2), seed=3)
+    assert same_distribution_p(plain, broken) < 0.001
 
 
 def test_biased_verifier_is_detected(tiny_vocab_dir):

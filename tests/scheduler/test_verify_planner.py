@@ -43,7 +43,7 @@ def first_token_frequency(lengths_for: "callable", seed: int) -> float:
     logits = torch.cat([P_T.log().expand(n + 1, 2) for n in lengths.tolist()])
     sampler = Sampler(torch.device("cpu"), seed)
     out = sampler.verify(logits, params, [0] * TRIALS, draft_ids, [P_D.expand(2, 2)] * TRIALS)
-    return sum(tokens[0] == 0 for tokens in out) / TRIALS
+    return sum(tokens[0] == 0 for tokens in out.token_ids) / TRIALS
 
 
 def test_appendix_a_global_mode_on_current_draft_is_biased():
