@@ -55,6 +55,9 @@ def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
     return byte_level
 
 
+_BYTE_OF_CHAR = {c: b for b, c in _byte_spelling().items()}
+
+
 class _GenerationTag(Extension):
     """HF's `{% generation %}...{% endgeneration %}` (assistant-mask markers): renders the body."""
 
@@ -146,6 +149,7 @@ class Tokenizer:
                  add_bos: bool, chat_template: str | None, special_tokens: dict[str, str]) -> None:
         """Wrap `inner`; `special_tokens` (bos_token, eos_token, ...) are template variables."""
         self._inner = inner
+        self._byte_level = isinstance(inner.decoder, decoders.ByteLevel)
         self.bos_token_id = bos_token_id
         self.eos_token_ids: frozenset[int] = frozenset(eos_token_ids)
         self._add_bos = add_bos and bos_token_id is not None
@@ -247,6 +251,14 @@ class Tokenizer:
     def id_to_token(self, i: int) -> str | None:
         """The vocabulary entry of id `i` (byte-level spelling, e.g. 'Ġhi'), or None."""
         return self._inner.id_to_token(i)
+
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes token `i` stands for; a byte-level BPE piece may be partial UTF-8, which
+        decoding it alone would turn into U+FFFD (OpenAI's logprobs report these bytes)."""
+        piece = self._inner.id_to_token(i)
+        if self._byte_level and piece is not None and all(c in _BYTE_OF_CHAR for c in piece):
+            return bytes(_BYTE_OF_CHAR[c] for c in piece)
+        return self.decode([i], skip_special_tokens=False).encode()
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of `text`; special tokens written in the text always map to their ids."""

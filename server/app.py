@@ -19,8 +19,17 @@ from server.errors import APIError, install_error_handlers
 from server.formats import ChatFormat, CompletionFormat
 from server.metrics import Metrics
 from server.middleware import BodySizeLimitMiddleware, ErrorCountingMiddleware
-from server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
-from server.serving import ServingContext, plan_chat, plan_completion, respond
+from server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from server.serving import ServingContext, detokenize, plan_chat, plan_completion, respond, tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -156,4 +165,17 @@ def create_app(config: ServerConfig, engine: AsyncLLM | None = None,
         return await respond(request, plan, COMPLETION, ctx)
 
     app.include_router(v1)
+
+    # vLLM's utility endpoints, at the root as vLLM serves them
+    utility = APIRouter(dependencies=[Depends(_check_api_key)])
+
+    @utility.post("/tokenize")
+    async def tokenize_route(request: Request, ctx: Serving) -> TokenizeResponse:
+        return await tokenize(await _parse(request, TokenizeRequest), ctx)
+
+    @utility.post("/detokenize")
+    async def detokenize_route(request: Request, ctx: Serving) -> DetokenizeResponse:
+        return await detokenize(await _parse(request, DetokenizeRequest), ctx)
+
+    app.include_router(utility)
     return app

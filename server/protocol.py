@@ -5,9 +5,9 @@ or `"stream": "yes"` is a 400, not a silent coercion.
 """
 
 import time
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 
 class _Body(BaseModel):
@@ -18,43 +18,86 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+# Fields OpenAI documents that this server does not implement: a request that sets one is
+# refused with a 400 naming it (never silently ignored). Values equal to OpenAI's default
+# (e.g. response_format {"type": "text"}) are accepted.
+Unsupported = Any
+
+
 class GenerationRequest(_Body):
     """Fields shared by chat and text completions (sampling, streaming, bookkeeping)."""
 
     model: str | None = None  # None = the served model
-    max_tokens: int | None = None  # None = the rest of the context window, as vLLM does
+    max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None  # vLLM's extra, over prompt and output
+    logit_bias: dict[str, float] | None = None  # token id (as a string, JSON keys) -> bias
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # metadata OpenAI stores or logs; kept for logs only, never for generation
     user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    service_tier: Literal["auto", "default"] | None = None
     # vLLM extensions that benchmark clients (vllm bench serve, aiperf) send.
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    # dspark: false decodes this request without speculation (no drafts, plain steps)
+    speculative: bool = True
+
+    # Without max_tokens: this many (capped by the context), or None for the rest of the
+    # context window (chat, as vLLM and OpenAI do).
+    default_max_tokens: ClassVar[int | None] = None
 
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
+    def unsupported(self) -> dict[str, str]:
+        """Set fields this server refuses, with the reason (field -> message)."""
+        return {}
 
-class TextPart(_Body):
-    type: Literal["text"]
-    text: str
+
+class ContentPart(_Body):
+    type: str
+    text: str | None = None
 
 
 class ChatMessage(_Body):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # the call a tool message answers
+    refusal: str | None = None
 
 
 class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None  # OpenAI's newer name; wins over max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: Unsupported = None
+    tool_choice: Unsupported = None
+    parallel_tool_calls: Unsupported = None
+    functions: Unsupported = None
+    function_call: Unsupported = None
+    modalities: list[str] | None = None
+    audio: Unsupported = None
+    prediction: Unsupported = None
+    web_search_options: Unsupported = None
+    reasoning_effort: Unsupported = None
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -62,19 +105,102 @@ class ChatCompletionRequest(GenerationRequest):
             return self.max_completion_tokens
         return self.max_tokens
 
+    def unsupported(self) -> dict[str, str]:
+        refused = {name: f"{name} is not supported yet" for name in (
+            "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call", "audio",
+            "prediction", "web_search_options") if getattr(self, name) is not None}
+        if self.tool_choice == "none":
+            refused.pop("tool_choice")
+        if self.reasoning_effort is not None:
+            refused["reasoning_effort"] = "reasoning_effort is not supported: the served model does not reason"
+        if self.response_format is not None and self.response_format != {"type": "text"}:
+            refused["response_format"] = "response_format other than {\"type\": \"text\"} is not supported yet"
+        if self.modalities is not None and self.modalities != ["text"]:
+            refused["modalities"] = "only the text modality is supported"
+        return refused
+
 
 class CompletionRequest(GenerationRequest):
     # A string or token ids; a batch (list of strings / of id lists) is refused with a clear 400.
     prompt: str | list[int] | list[str] | list[list[int]]
+    default_max_tokens: ClassVar[int | None] = 16  # OpenAI's and vLLM's completions default
+    logprobs: int | None = None  # 0-5 alternatives per token (OpenAI's legacy shape)
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def unsupported(self) -> dict[str, str]:
+        refused = {}
+        if self.best_of is not None and self.best_of != self.n:
+            refused["best_of"] = "best_of is not supported (n choices are returned, none discarded)"
+        if self.suffix:
+            refused["suffix"] = "suffix (insertion) is not supported"
+        if self.echo and self.logprobs is not None:
+            refused["echo"] = "echo together with logprobs (prompt logprobs) is not supported yet"
+        return refused
+
+
+class TokenizeRequest(_Body):
+    """vLLM's /tokenize: a prompt, or chat messages rendered with the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[int]
 
 
 # ---- responses ---------------------------------------------------------------------------
+
+
+class SpeculativeUsage(BaseModel):
+    """The request's speculative decoding, like vLLM's per-request spec metrics."""
+
+    rounds: int  # verify steps that carried drafts
+    draft_tokens: int  # drafts verified
+    accepted_tokens: int
+    mean_acceptance_length: float  # tokens committed per verify step: (accepted + rounds) / rounds
 
 
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    speculative_decoding: SpeculativeUsage | None = None  # only with a drafter
+
+    @model_serializer(mode="wrap")
+    def _without_absent_speculation(self, handler: Any) -> dict[str, Any]:
+        out = handler(self)
+        if out.get("speculative_decoding") is None:
+            out.pop("speculative_decoding", None)
+        return out
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+    refusal: None = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
 
 
 class _Response(BaseModel):
@@ -91,7 +217,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None
 
 
@@ -105,7 +231,7 @@ class ChatChunkChoice(BaseModel):
     index: int = 0
     # Only the keys that changed, as OpenAI sends them: {"role": ...}, {"content": ...} or {}.
     delta: dict[str, str]
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -118,7 +244,7 @@ class ChatCompletionChunk(_Response):
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -139,6 +265,16 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class ErrorInfo(BaseModel):

@@ -2,12 +2,13 @@
 call, and abort when the client goes away."""
 
 import asyncio
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
@@ -18,7 +19,16 @@ from scheduler import EngineDead, InvalidRequest, SamplingParams
 from server.errors import APIError
 from server.formats import Plan, ResponseFormat
 from server.metrics import Metrics
-from server.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest
+from server.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    GenerationRequest,
+    TokenizeRequest,
+    TokenizeResponse,
+)
 from server.streaming import sse_events
 
 logger = logging.getLogger(__name__)
@@ -43,40 +53,109 @@ class ClientDisconnected(Exception):
 # ---- building a plan ---------------------------------------------------------------------
 
 
+MAX_STOP_SEQUENCES = 4  # OpenAI's limit
+MAX_CHAT_TOP_LOGPROBS = 20
+MAX_COMPLETION_LOGPROBS = 5
+
+
 async def plan_chat(body: ChatCompletionRequest, ctx: ServingContext) -> Plan:
     _check_common(body, ctx)
-    for i, message in enumerate(body.messages):
-        if message.role == "user" and not message.content:
-            raise InvalidRequest(f"messages[{i}].content must not be empty", "messages")
-    messages = [m.model_dump(exclude_none=True) for m in body.messages]
+    tokenizer = ctx.engine.info.tokenizer
+    messages = [_render_message(m, i, tokenizer.chat_template or "") for i, m in enumerate(body.messages)]
+    if body.top_logprobs is not None and not body.logprobs:
+        raise InvalidRequest("top_logprobs needs logprobs set to true", "top_logprobs")
+    top = body.top_logprobs or 0
+    if not 0 <= top <= MAX_CHAT_TOP_LOGPROBS:
+        raise InvalidRequest(f"top_logprobs must be in [0, {MAX_CHAT_TOP_LOGPROBS}], got {top}", "top_logprobs")
     # Off the event loop: a long conversation takes a while to render and tokenise.
-    prompt_ids = await asyncio.to_thread(ctx.engine.info.tokenizer.encode_chat, messages)
-    return _plan(body, ctx, f"chatcmpl-{uuid.uuid4().hex}", prompt_ids, "messages")
+    prompt_ids = await asyncio.to_thread(tokenizer.encode_chat, messages)
+    return _plan(body, ctx, f"chatcmpl-{uuid.uuid4().hex}", prompt_ids, "messages",
+                 top if body.logprobs else None)
+
+
+def _render_message(message: ChatMessage, i: int, template: str) -> dict[str, Any]:
+    """One message as the chat template takes it. `developer` is OpenAI's new name for
+    `system`; without tool support in the template, an assistant's tool calls are written
+    into its content as JSON (the documented fallback), tool results render as role `tool`."""
+    if isinstance(message.content, list):
+        for j, part in enumerate(message.content):
+            if part.type != "text" or part.text is None:
+                raise InvalidRequest(f"messages[{i}].content[{j}]: {part.type!r} parts are not supported; "
+                                     "this model reads text only", "messages")
+    if message.role == "user" and not message.content:
+        raise InvalidRequest(f"messages[{i}].content must not be empty", "messages")
+    if message.role == "tool" and message.content is None:
+        raise InvalidRequest(f"messages[{i}]: a tool message needs content", "messages")
+    out = message.model_dump(exclude_none=True)
+    if message.role == "developer":
+        out["role"] = "system"
+    if message.tool_calls and "tool_calls" not in template:
+        calls = json.dumps({"tool_calls": message.tool_calls}, ensure_ascii=False)
+        text = out.get("content") or ""
+        if isinstance(text, list):
+            text = "\n".join(p["text"] for p in text)
+        out["content"] = f"{text}\n{calls}" if text else calls
+        del out["tool_calls"]
+    return out
 
 
 async def plan_completion(body: CompletionRequest, ctx: ServingContext) -> Plan:
     _check_common(body, ctx)
+    if body.logprobs is not None and not 0 <= body.logprobs <= MAX_COMPLETION_LOGPROBS:
+        raise InvalidRequest(f"logprobs must be in [0, {MAX_COMPLETION_LOGPROBS}], got {body.logprobs}", "logprobs")
     prompt = body.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):  # a batch
         if len(prompt) > 1:
             raise InvalidRequest("batched prompts are not supported: send one prompt per request",
                                  "prompt")
         prompt = prompt[0]
+    tokenizer = ctx.engine.info.tokenizer
     if isinstance(prompt, str):
         # As LLMEngine.tokenize_prompt does for text: a plain prompt gets the model's BOS.
-        tokenizer = ctx.engine.info.tokenizer
         prompt_ids = await asyncio.to_thread(tokenizer.encode, prompt, True)
     else:
         prompt_ids = list(prompt)  # the engine checks the id range when it admits the request
     if not prompt_ids:
         raise InvalidRequest("the prompt is empty", "prompt")
-    return _plan(body, ctx, f"cmpl-{uuid.uuid4().hex}", prompt_ids, "prompt")
+    plan = _plan(body, ctx, f"cmpl-{uuid.uuid4().hex}", prompt_ids, "prompt", body.logprobs)
+    if body.echo:
+        plan.echo = prompt if isinstance(prompt, str) else tokenizer.decode(prompt_ids)
+    return plan
+
+
+async def tokenize(body: TokenizeRequest, ctx: ServingContext) -> TokenizeResponse:
+    """vLLM's /tokenize: a prompt's ids, or chat messages' as the chat endpoint renders them."""
+    _check_model(body.model, ctx)
+    tokenizer = ctx.engine.info.tokenizer
+    if (body.prompt is None) == (body.messages is None):
+        raise InvalidRequest("send exactly one of prompt and messages", "prompt")
+    if body.messages is not None:
+        messages = [_render_message(m, i, tokenizer.chat_template or "") for i, m in enumerate(body.messages)]
+        text = await asyncio.to_thread(tokenizer.apply_chat_template, messages, body.add_generation_prompt)
+        ids = await asyncio.to_thread(tokenizer.encode, text, False)
+    else:
+        ids = await asyncio.to_thread(tokenizer.encode, body.prompt, body.add_special_tokens)
+    return TokenizeResponse(count=len(ids), max_model_len=ctx.max_model_len, tokens=ids)
+
+
+async def detokenize(body: DetokenizeRequest, ctx: ServingContext) -> DetokenizeResponse:
+    _check_model(body.model, ctx)
+    vocab = ctx.engine.info.tokenizer.vocab_size
+    if any(not 0 <= t < vocab for t in body.tokens):
+        raise InvalidRequest(f"tokens must be ids in [0, {vocab})", "tokens")
+    return DetokenizeResponse(prompt=ctx.engine.info.tokenizer.decode(body.tokens))
+
+
+def _check_model(model: str | None, ctx: ServingContext) -> None:
+    if model is not None and model != ctx.model_name:
+        raise APIError(404, f"the model {model!r} does not exist; this server serves "
+                       f"{ctx.model_name!r}", "model", "model_not_found")
 
 
 def _check_common(body: GenerationRequest, ctx: ServingContext) -> None:
-    if body.model is not None and body.model != ctx.model_name:
-        raise APIError(404, f"the model {body.model!r} does not exist; this server serves "
-                       f"{ctx.model_name!r}", "model", "model_not_found")
+    _check_model(body.model, ctx)
+    for name, message in body.unsupported().items():
+        raise InvalidRequest(message, name)
     if body.n < 1:
         raise InvalidRequest(f"n must be at least 1, got {body.n}", "n")
     if body.n > 1:
@@ -85,11 +164,25 @@ def _check_common(body: GenerationRequest, ctx: ServingContext) -> None:
     if body.stream_options is not None and not body.stream:
         raise InvalidRequest("stream_options is only allowed when stream is true",
                              "stream_options")
+    if isinstance(body.stop, list) and len(body.stop) > MAX_STOP_SEQUENCES:
+        raise InvalidRequest(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {len(body.stop)}",
+                             "stop")
+
+
+def _logit_bias(raw: dict[str, float] | None) -> dict[int, float]:
+    """JSON object keys are strings: token ids written in decimal."""
+    out = {}
+    for key, bias in (raw or {}).items():
+        if not key.isdigit():
+            raise InvalidRequest(f"logit_bias keys must be token ids, got {key!r}", "logit_bias")
+        out[int(key)] = bias
+    return out
 
 
 def resolve_max_tokens(requested: int | None, num_prompt_tokens: int, max_model_len: int,
-                       prompt_param: str) -> int:
-    """The output budget: what was asked for, or (as vLLM) the rest of the context window."""
+                       prompt_param: str, default: int | None = None) -> int:
+    """The output budget: what was asked for, else `default` capped by the context, else (as
+    vLLM's chat) the rest of the context window."""
     remaining = max_model_len - num_prompt_tokens
     if remaining <= 0:
         raise InvalidRequest(
@@ -97,7 +190,7 @@ def resolve_max_tokens(requested: int | None, num_prompt_tokens: int, max_model_
             f"{num_prompt_tokens} tokens; shorten it to at most {max_model_len - 1} tokens",
             prompt_param)
     if requested is None:
-        return remaining
+        return remaining if default is None else min(default, remaining)
     if requested > remaining:
         raise InvalidRequest(
             f"max_tokens is too large: this model's maximum context length is {max_model_len} "
@@ -107,9 +200,9 @@ def resolve_max_tokens(requested: int | None, num_prompt_tokens: int, max_model_
 
 
 def _plan(body: GenerationRequest, ctx: ServingContext, req_id: str, prompt_ids: list[int],
-          prompt_param: str) -> Plan:
+          prompt_param: str, logprobs: int | None) -> Plan:
     max_tokens = resolve_max_tokens(body.requested_max_tokens, len(prompt_ids),
-                                    ctx.max_model_len, prompt_param)
+                                    ctx.max_model_len, prompt_param, body.default_max_tokens)
     params = SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
@@ -119,9 +212,17 @@ def _plan(body: GenerationRequest, ctx: ServingContext, req_id: str, prompt_ids:
         stop=body.stop,
         stop_token_ids=list(body.stop_token_ids or []),
         ignore_eos=body.ignore_eos,
+        logit_bias=_logit_bias(body.logit_bias),
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        min_p=body.min_p or 0.0,
+        logprobs=logprobs,
+        speculative=body.speculative,
     )
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return Plan(req_id, ctx.model_name, prompt_ids, params, body.stream, include_usage)
+    token_bytes = None if logprobs is None else ctx.engine.info.tokenizer.token_bytes
+    return Plan(req_id, ctx.model_name, prompt_ids, params, body.stream, include_usage, token_bytes)
 
 
 # ---- running it --------------------------------------------------------------------------

@@ -35,8 +35,8 @@ async def sse_events(plan: Plan, fmt: ResponseFormat, first: RequestOutput,
                 yield sse(opening)
             out = first
             while True:
-                if out.delta_text:
-                    yield sse(fmt.delta(plan, out.delta_text))
+                if out.delta_text or out.delta_logprobs:
+                    yield sse(fmt.delta(plan, out))
                 if out.finished:
                     yield sse(fmt.finish(plan, out.finish_reason))
                     if plan.include_usage:

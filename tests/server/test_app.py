@@ -99,17 +99,25 @@ def test_stop_string_and_seed(tiny_client):
     assert a["choices"][0]["text"] == b["choices"][0]["text"]
 
 
-def test_default_max_tokens_is_rest_of_context(tiny_client, tiny_server):
-    # The tiny model's context is 512 tokens; without max_tokens it may use all of the rest.
-    r = tiny_client.post("/v1/completions", json={"prompt": "x" * 500, "temperature": 0,
-                                                   "ignore_eos": True})
+def test_default_max_tokens_chat_rest_of_context_completions_16(tiny_client, tiny_server):
+    # The tiny model's context is 512 tokens; without max_tokens chat may use all of the rest,
+    # completions 16 (OpenAI's and vLLM's default), capped by the context.
+    r = tiny_client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x" * 480}],
+                                                        "temperature": 0, "ignore_eos": True})
     assert r.status_code == 200, r.text
-    assert r.json()["usage"]["completion_tokens"] == 12
+    usage = r.json()["usage"]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] == 512
     assert r.json()["choices"][0]["finish_reason"] == "length"
+    for prompt, expected in (("x" * 100, 16), ("x" * 500, 12)):
+        r = tiny_client.post("/v1/completions", json={"prompt": prompt, "temperature": 0, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == expected
 
 
 def test_resolve_max_tokens():
     assert resolve_max_tokens(None, 10, 100, "prompt") == 90
+    assert resolve_max_tokens(None, 10, 100, "prompt", default=16) == 16
+    assert resolve_max_tokens(None, 90, 100, "prompt", default=16) == 10
     assert resolve_max_tokens(90, 10, 100, "prompt") == 90
     with pytest.raises(ValueError, match="at most 90 tokens"):
         resolve_max_tokens(91, 10, 100, "prompt")
