@@ -63,6 +63,11 @@ class GenerationRequest(_Body):
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
+    @property
+    def max_tokens_field(self) -> str:
+        """The field `requested_max_tokens` came from (errors name it)."""
+        return "max_tokens"
+
     def unsupported(self) -> dict[str, str]:
         """Set fields this server refuses, with the reason (field -> message)."""
         return {}
@@ -98,6 +103,7 @@ class ChatCompletionRequest(GenerationRequest):
     prediction: Unsupported = None
     web_search_options: Unsupported = None
     reasoning_effort: Unsupported = None
+    verbosity: Unsupported = None
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -105,10 +111,14 @@ class ChatCompletionRequest(GenerationRequest):
             return self.max_completion_tokens
         return self.max_tokens
 
+    @property
+    def max_tokens_field(self) -> str:
+        return "max_tokens" if self.max_completion_tokens is None else "max_completion_tokens"
+
     def unsupported(self) -> dict[str, str]:
         refused = {name: f"{name} is not supported yet" for name in (
             "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call", "audio",
-            "prediction", "web_search_options") if getattr(self, name) is not None}
+            "prediction", "web_search_options", "verbosity") if getattr(self, name) is not None}
         if self.tool_choice == "none":
             refused.pop("tool_choice")
         if self.reasoning_effort is not None:

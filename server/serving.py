@@ -201,7 +201,11 @@ def resolve_max_tokens(requested: int | None, num_prompt_tokens: int, max_model_
 
 def _plan(body: GenerationRequest, ctx: ServingContext, req_id: str, prompt_ids: list[int],
           prompt_param: str, logprobs: int | None) -> Plan:
-    max_tokens = resolve_max_tokens(body.requested_max_tokens, len(prompt_ids),
+    requested = body.requested_max_tokens
+    if requested is not None and requested < 1:
+        field = body.max_tokens_field
+        raise InvalidRequest(f"{field} must be a positive integer, got {requested}", field)
+    max_tokens = resolve_max_tokens(requested, len(prompt_ids),
                                     ctx.max_model_len, prompt_param, body.default_max_tokens)
     params = SamplingParams(
         max_tokens=max_tokens,
