@@ -4,6 +4,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from draft import Drafter
@@ -55,6 +56,10 @@ class LLM:
 
     def encode_chat(self, messages: list[Message]) -> list[int]:
         return self.tokenizer.encode_chat(messages)
+
+    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits [len(token_ids), vocab] of one prefill: row i scores the token after i."""
+        return self.engine.prompt_logits(token_ids)
 
     def _run(self, req_ids: list[str], use_tqdm: bool) -> list[GenerationResult]:
         done: dict[str, RequestOutput] = {}

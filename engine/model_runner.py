@@ -9,9 +9,9 @@ from draft import Drafter, DraftInput
 from engine.attention import AttentionBackend
 from engine.flat_batch import FlatBatch
 from engine.kv_cache import PagedKVCache
+from engine.logits_processor import RowContext
 from engine.model import AttentionContext, CausalLM
 from engine.sampler import Sampler
-from engine.logits_processor import RowContext
 from scheduler import ModelRunnerOutput, ScheduledRequest, SchedulerOutput, TokenLogprob
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,103 @@
+"""The OpenAI surface on the real default model (fp32, speculating with the shipped DSpark
+drafter), through the official `openai` client: logprobs equal with and without speculation and
+equal to the target's own log-softmax, logit_bias, penalties, roles, per-request speculation."""
+
+import openai
+import pytest
+
+from scheduler import SamplingParams
+
+pytestmark = pytest.mark.slow
+
+MODEL = "SmolLM2-135M-Instruct"
+MESSAGES = [{"role": "user", "content": "Write a short poem about the sea."}]
+MAX_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def oai(real_server):
+    return openai.OpenAI(base_url=f"{real_server.url}/v1", api_key="unused", timeout=300)
+
+
+def _chat(oai, speculative: bool, stream: bool, **fields):
+    kwargs = dict(model=MODEL, messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=0,
+                  logprobs=True, top_logprobs=3, extra_body={"speculative": speculative}, **fields)
+    if not stream:
+        r = oai.chat.completions.create(**kwargs)
+        return r.choices[0].message.content, r.choices[0].logprobs.content, r.usage
+    chunks = list(oai.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    lps = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    return text, lps, chunks[-1].usage
+
+
+def test_logprobs_equal_with_and_without_speculation_and_the_targets_log_softmax(oai, default_llm):
+    ref = default_llm.chat(MESSAGES, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))[0]
+    prompt = default_llm.encode_chat(MESSAGES)
+    logp = default_llm.prompt_logits(prompt + ref.token_ids).log_softmax(-1)[len(prompt) - 1:-1]
+    tokenizer = default_llm.tokenizer
+    results = {(spec, stream): _chat(oai, spec, stream) for spec in (True, False) for stream in (True, False)}
+    for (spec, stream), (text, lps, usage) in results.items():
+        assert text == ref.text, (spec, stream)
+        assert len(lps) == len(ref.token_ids)
+        for k, (token_id, lp) in enumerate(zip(ref.token_ids, lps)):
+            assert bytes(lp.bytes) == tokenizer.token_bytes(token_id)
+            assert lp.logprob == pytest.approx(logp[k, token_id].item(), abs=1e-4)
+            top = logp[k].topk(3)
+            assert [t.logprob for t in lp.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
+        spec_usage = usage.model_extra.get("speculative_decoding") if usage.model_extra else None
+        if spec:
+            assert spec_usage and spec_usage["rounds"] > 0  # the drafter did verify tokens
+            assert spec_usage["mean_acceptance_length"] >= 1.0
+        else:
+            assert spec_usage is None  # switched off for this request: no drafts at all
+
+
+def test_logit_bias_forces_a_token(oai, default_llm):
+    token_id = default_llm.tokenizer.encode(" ocean")[0]
+    r = oai.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0,
+                                    logit_bias={str(token_id): 100})
+    assert r.choices[0].message.content == " ocean" * 6
+
+
+def _repeat_rate(oai, **fields) -> float:
+    """Share of generated tokens that repeat an earlier generated token."""
+    r = oai.completions.create(model=MODEL, prompt="one two one two one two one two", max_tokens=48,
+                               temperature=0, logprobs=0, **fields)
+    tokens = r.choices[0].logprobs.tokens
+    return sum(t in tokens[:i] for i, t in enumerate(tokens)) / len(tokens)
+
+
+def test_frequency_penalty_lowers_repetition(oai):
+    plain, penalised = _repeat_rate(oai), _repeat_rate(oai, frequency_penalty=2.0)
+    assert plain > 0.8  # the prompt makes greedy decoding loop
+    assert penalised < plain - 0.3, (plain, penalised)
+
+
+def test_developer_role_is_system_and_tool_messages_render(oai, default_llm):
+    as_system = [{"role": "system", "content": "Answer in French."}, *MESSAGES]
+    as_developer = [{"role": "developer", "content": "Answer in French."}, *MESSAGES]
+    ref = default_llm.chat(as_system, SamplingParams(max_tokens=12, temperature=0.0))[0].text
+    r = oai.chat.completions.create(model=MODEL, messages=as_developer, max_tokens=12, temperature=0)
+    assert r.choices[0].message.content == ref
+    with_tool = [*MESSAGES,
+                 {"role": "assistant", "content": None, "tool_calls": [
+                     {"id": "c1", "type": "function", "function": {"name": "sea", "arguments": "{}"}}]},
+                 {"role": "tool", "tool_call_id": "c1", "content": "The sea is blue."}]
+    r = oai.chat.completions.create(model=MODEL, messages=with_tool, max_tokens=8, temperature=0)
+    assert r.choices[0].finish_reason in ("stop", "length") and r.usage.prompt_tokens > len(
+        default_llm.encode_chat(MESSAGES))
+
+
+def test_completion_logprobs_and_echo(oai, default_llm):
+    prompt = "The capital of France is"
+    r = oai.completions.create(model=MODEL, prompt=prompt, max_tokens=5, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    ids = default_llm.tokenizer.encode(prompt, add_special_tokens=True)
+    out = default_llm.generate(ids, SamplingParams(max_tokens=5, temperature=0.0))[0].token_ids
+    logp = default_llm.prompt_logits(ids + out).log_softmax(-1)[len(ids) - 1:-1]
+    assert lp.token_logprobs == pytest.approx([logp[k, t].item() for k, t in enumerate(out)], abs=1e-4)
+    assert all(len(top) <= 2 and max(top.values()) >= v - 1e-6 for top, v in zip(lp.top_logprobs, lp.token_logprobs))
+    assert len(lp.tokens) == 5
+    echoed = oai.completions.create(model=MODEL, prompt=prompt, max_tokens=5, temperature=0, echo=True)
+    assert echoed.choices[0].text == prompt + r.choices[0].text
