@@ -59,6 +59,7 @@ class _Add:
     prompt: str | list[int]
     params: SamplingParams
     arrival_time: float
+    prompt_parent: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,7 +175,8 @@ class AsyncLLM:
     # ---- requests ----------------------------------------------------------------------
 
     async def generate(self, prompt: str | list[int], params: SamplingParams, req_id: str,
-                       arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
+                       arrival_time: float | None = None,
+                       prompt_parent: str | None = None) -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its outputs until it finishes.
 
         Errors of `add_request` (InvalidRequest, CapacityExceeded) are raised from the first
@@ -188,7 +190,7 @@ class AsyncLLM:
         stream: asyncio.Queue[_StreamItem] = asyncio.Queue()
         self._streams[req_id] = stream
         self._idle.clear()
-        self._commands.put(_Add(req_id, prompt, params, arrival_time or time.monotonic()))
+        self._commands.put(_Add(req_id, prompt, params, arrival_time or time.monotonic(), prompt_parent))
         finished = False
         try:
             while True:
@@ -276,7 +278,7 @@ class AsyncLLM:
                 engine.abort_request(cmd.req_id)
                 continue
             try:
-                engine.add_request(cmd.prompt, cmd.params, cmd.req_id, cmd.arrival_time)
+                engine.add_request(cmd.prompt, cmd.params, cmd.req_id, cmd.arrival_time, cmd.prompt_parent)
             except Exception as e:  # noqa: BLE001
                 batch.append((cmd.req_id, e))  # a refusal fails its own stream, not the loop
         return True

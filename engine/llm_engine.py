@@ -128,14 +128,18 @@ class LLMEngine:
     # ---- requests ---------------------------------------------------------------------
 
     def add_request(self, prompt: str | list[int], params: SamplingParams,
-                    req_id: str | None = None, arrival_time: float | None = None) -> str:
-        """Validate, tokenise and queue a request; returns its id. Raises InvalidRequest."""
+                    req_id: str | None = None, arrival_time: float | None = None,
+                    prompt_parent: str | None = None) -> str:
+        """Validate, tokenise and queue a request; returns its id. Raises InvalidRequest.
+
+        `prompt_parent`: an earlier request of the same prompt (n > 1) whose prompt KV this
+        one shares when both are still to be prefilled; otherwise it prefills on its own."""
         prompt_ids = self.tokenize_prompt(prompt)
         req_id = req_id if req_id is not None else f"req-{next(self._ids)}"
         self.validate_lengths(len(prompt_ids), params)
         self.validate_token_ids(params)
         req = Request(req_id, prompt_ids, params, eos_token_ids=self.tokenizer.eos_token_ids,
-                      max_model_len=self.max_model_len)
+                      max_model_len=self.max_model_len, prompt_parent=prompt_parent)
         if arrival_time is not None:
             req.arrival_time = arrival_time
         self.scheduler.add_request(req)

@@ -84,7 +84,8 @@ class ModelRunner:
         `features` [num_tokens, F] holds the captured target layers of every token of the
         step; a request's committed ones are its first tokens up to the last accepted draft.
         """
-        inputs, rows = [], []
+        inputs: list[DraftInput] = []
+        rows: list[int | None] = []
         starts = batch.cu_seqlens_q.tolist()
         positions = sched_out.num_draft_positions
         for r, (s, new) in enumerate(zip(sched_out.scheduled, out.sampled_token_ids)):
@@ -96,9 +97,17 @@ class ModelRunner:
                                      wants_proposal=bool(new) and positions != 0 and s.params.speculative,
                                      temperature=s.params.temperature, max_draft_tokens=positions))
             rows.append(r)
+            # choices that will share this prompt's KV need its context too, up to the fork
+            shared = min(num_committed, s.fork_num_tokens - s.start_pos)
+            for child in s.fork_req_ids if shared > 0 else ():
+                inputs.append(DraftInput(child, s.history[:s.start_pos + shared], s.start_pos + shared,
+                                         None if ctx is None else ctx[:shared], wants_proposal=False))
+                rows.append(None)
         out.draft_token_ids = [[] for _ in out.req_ids]
         out.draft_confidences = [None for _ in out.req_ids]
         for r, proposal in zip(rows, self.drafter.propose(inputs)):
+            if r is None:
+                continue  # a choice parked on a shared prompt: context only
             out.draft_token_ids[r] = proposal.draft_token_ids
             out.draft_confidences[r] = proposal.confidences
             self._draft_probs[out.req_ids[r]] = proposal.draft_probs

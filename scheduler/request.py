@@ -47,6 +47,8 @@ class Request:
     num_spec_rounds: int = 0
     num_draft_tokens_verified: int = 0
     num_accepted_tokens: int = 0
+    # n > 1: the request whose prompt KV this one shares (the first choice of the same prompt)
+    prompt_parent: str | None = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_ids)

@@ -45,6 +45,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self._finished_since_last_step: list[str] = []
+        # n > 1: requests waiting for their prompt parent's prefill, to share its KV blocks
+        self._parked: dict[str, list[Request]] = {}
         self.num_preemptions = 0
         policy = "fixed" if config.verify_policy == "auto" else config.verify_policy
         self.verify_policy = make_verify_policy(policy, sps, config.verify_threshold)
@@ -57,7 +59,18 @@ class Scheduler:
         if req.req_id in self.requests:
             raise ValueError(f"duplicate request id {req.req_id!r}")
         self.requests[req.req_id] = req
-        self.waiting.append(req)
+        parent = self.requests.get(req.prompt_parent) if req.prompt_parent else None
+        if (parent is not None and parent.num_computed_tokens == 0 and parent.prompt_ids == req.prompt_ids
+                and self.fork_num_tokens(req) > 0):
+            self._parked.setdefault(parent.req_id, []).append(req)  # forked when its prefill ends
+        else:
+            self.waiting.append(req)  # shares nothing: it prefills on its own
+
+    def fork_num_tokens(self, req: Request) -> int:
+        """Prompt tokens a request shares with its prompt parent: the full blocks before the
+        last prompt token (whose logits each choice computes itself)."""
+        bs = self.block_manager.block_size
+        return (req.num_prompt_tokens - 1) // bs * bs
 
     def finish_request(self, req_id: str, status: RequestStatus) -> None:
         """End a request from outside (abort, stop string); a no-op for unknown or ended ids."""
@@ -67,12 +80,14 @@ class Scheduler:
             return
         if req.status == RequestStatus.RUNNING:
             self.running.remove(req)
+        elif req.prompt_parent in self._parked and req in self._parked[req.prompt_parent]:
+            self._parked[req.prompt_parent].remove(req)
         else:
             self.waiting.remove(req)
         self._finish(req, status)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or any(self._parked.values()))
 
     @property
     def num_running(self) -> int:
@@ -122,10 +137,11 @@ class Scheduler:
             req = self.waiting[0]
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             # Keep one free block per running request so decodes can grow without thrashing.
-            if not self.block_manager.can_allocate(req, num_new, reserve=len(self.running)):
+            end = req.num_computed_tokens + num_new  # a forked choice holds its shared blocks
+            if not self.block_manager.can_allocate(req, end, reserve=len(self.running)):
                 break
             self.waiting.popleft()
-            self.block_manager.allocate(req, num_new)
+            self.block_manager.allocate(req, end)
             req.status = RequestStatus.RUNNING
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = time.monotonic()
@@ -153,6 +169,8 @@ class Scheduler:
             req = self.requests.get(req_id)
             if req is None or req.status != RequestStatus.RUNNING:
                 continue  # aborted while the step ran
+            if sched.fork_req_ids and sched.sample:
+                self._fork_parked(req)  # its prompt is now in the KV: the other choices share it
             # Drafts past the first rejection left garbage KV: roll it back by length.
             num_accepted = len(sampled) - 1 if sched.num_draft_tokens else 0
             req.num_computed_tokens += sched.num_tokens - (sched.num_draft_tokens - num_accepted)
@@ -221,7 +239,20 @@ class Scheduler:
             num_output_tokens=req.num_output_tokens,
             num_draft_tokens=num_draft,
             history=req.token_ids,
+            fork_req_ids=[c.req_id for c in self._parked.get(req.req_id, ())],
+            fork_num_tokens=self.fork_num_tokens(req) if req.req_id in self._parked else 0,
         )
+
+    def _fork_parked(self, parent: Request) -> None:
+        children = self._parked.pop(parent.req_id, [])
+        for child in children:
+            self.block_manager.fork(parent, child, self.fork_num_tokens(child))
+            child.num_computed_tokens = len(child.block_table) * self.block_manager.block_size
+        self.waiting.extendleft(reversed(children))  # ahead of younger requests
+
+    def _release_parked(self, parent: Request) -> None:
+        """A parent that ends before its prefill did leaves its choices to prefill alone."""
+        self.waiting.extendleft(reversed(self._parked.pop(parent.req_id, [])))
 
     def _preempt(self, req: Request) -> None:
         """Drop the KV of `req` and queue it first in line; it recomputes prompt and output."""
@@ -235,6 +266,7 @@ class Scheduler:
         logger.debug("preempted %s (%d tokens)", req.req_id, req.num_tokens)
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
+        self._release_parked(req)
         req.status = status
         self.block_manager.free(req)
         del self.requests[req.req_id]

@@ -1,0 +1,65 @@
+"""n > 1: choices of one prompt share its prefill through forked KV blocks (and the drafter's
+context of the shared positions), with outputs identical to independent requests."""
+
+import pytest
+
+from engine import SamplingParams
+from tests.draft.helpers import tiny_dspark, tiny_llm
+
+PROMPT = list(range(3, 45))  # 42 tokens: 40 shared in blocks of 4, the last 2 per choice
+
+
+def _run(llm, params: list[SamplingParams], share: bool, abort_parent: bool = False):
+    eng = llm.engine
+    parent = eng.add_request(PROMPT, params[0])
+    ids = [parent] + [eng.add_request(PROMPT, p, prompt_parent=parent if share else None) for p in params[1:]]
+    if abort_parent:
+        eng.abort_request(parent)
+        ids = ids[1:]
+    done, computed = {}, 0
+    while eng.has_unfinished():
+        outs = eng.step()
+        computed += eng.last_step.num_scheduled_tokens if eng.last_step else 0
+        done.update({o.req_id: o for o in outs if o.finished})
+    return [done[i] for i in ids], computed
+
+
+SEEDED = [SamplingParams(max_tokens=12, temperature=1.0, seed=s, ignore_eos=True) for s in (10, 11, 12)]
+
+
+@pytest.mark.parametrize("chunk", [512, 16])
+def test_shared_prefill_equals_independent_requests(tiny_model_dir, chunk):
+    llm = tiny_llm(tiny_model_dir, block_size=4, max_num_batched_tokens=chunk)
+    alone, computed_alone = _run(llm, SEEDED, share=False)
+    shared, computed_shared = _run(llm, SEEDED, share=True)
+    assert [o.token_ids for o in shared] == [o.token_ids for o in alone]
+    assert len({tuple(o.token_ids) for o in shared}) == 3  # the seeds differ
+    assert computed_alone - computed_shared == 2 * 40  # two choices skipped the shared 40 tokens
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
+
+
+@pytest.mark.parametrize("kind", ["dspark", "eagle3"])
+def test_forked_choices_draft_from_the_shared_context(tiny_model_dir, kind):
+    """Greedy drafts depend only on the drafter's context: a forked choice that lacked the
+    shared positions' features would draft (and have accepted) differently."""
+    plain = tiny_llm(tiny_model_dir, block_size=4)
+    greedy = [SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)] * 3
+    reference = _run(plain, greedy[:1], share=False)[0][0].token_ids
+    for chunk in (512, 16):
+        llm = tiny_llm(tiny_model_dir, block_size=4, max_num_batched_tokens=chunk, verify_policy="fixed")
+        llm = tiny_llm(tiny_model_dir, block_size=4, max_num_batched_tokens=chunk, verify_policy="fixed",
+                       drafter=tiny_dspark(llm, kind, "markov" if kind == "dspark" else "none").make_drafter(3))
+        alone = _run(llm, greedy, share=False)[0]
+        shared = _run(llm, greedy, share=True)[0]
+        assert all(o.token_ids == reference for o in alone + shared)
+        assert [o.num_accepted_tokens for o in shared] == [o.num_accepted_tokens for o in alone]
+        assert shared[0].num_draft_tokens > 0
+
+
+def test_choices_of_an_aborted_parent_prefill_alone(tiny_model_dir):
+    llm = tiny_llm(tiny_model_dir, block_size=4)
+    alone = _run(llm, SEEDED, share=False)[0]
+    orphans, computed = _run(llm, SEEDED, share=True, abort_parent=True)
+    assert [o.token_ids for o in orphans] == [o.token_ids for o in alone[1:]]
+    assert computed == 2 * (len(PROMPT) + 11)  # each prefilled its whole prompt itself
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
