@@ -5,7 +5,7 @@ Both endpoints share the generation and streaming code; only these builders diff
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from pydantic import BaseModel
@@ -42,21 +42,36 @@ class Plan:
     # token id -> the bytes it stands for; set when the request asked for logprobs
     token_bytes: Callable[[int], bytes] | None = None
     echo: str = ""  # completions' echo: the prompt text, written before the output
-    # a stream's running text_offset of completions logprobs (the streamed tokens' length)
-    logprob_offset: int = 0
+    n: int = 1  # choices, each its own engine request (see `choice_params`)
+    # a stream's running text_offset of completions logprobs per choice (streamed tokens' length)
+    logprob_offsets: dict[int, int] = field(default_factory=dict)
     arrival_time: float = field(default_factory=time.monotonic)
     created: int = field(default_factory=lambda: int(time.time()))
 
+    def choice_id(self, index: int) -> str:
+        """The engine request of choice `index`."""
+        return self.req_id if self.n == 1 else f"{self.req_id}-{index}"
 
-def usage_of(out: RequestOutput) -> Usage:
+    def choice_params(self, index: int) -> SamplingParams:
+        """Choice i samples with seed + i (the first with the request's seed), so a seeded
+        n-choice request reproduces n single requests of those seeds."""
+        if self.params.seed is None or index == 0:
+            return self.params
+        return replace(self.params, seed=(self.params.seed + index) % 2**63)
+
+
+def usage_of(outs: list[RequestOutput]) -> Usage:
+    """One request's usage over its choices: the prompt once (OpenAI counts it so), every
+    choice's completion tokens, and speculation summed over the choices."""
+    rounds = sum(o.num_spec_rounds for o in outs)
+    accepted = sum(o.num_accepted_tokens for o in outs)
     spec = None
-    if out.num_spec_rounds:
-        spec = SpeculativeUsage(
-            rounds=out.num_spec_rounds, draft_tokens=out.num_draft_tokens,
-            accepted_tokens=out.num_accepted_tokens,
-            mean_acceptance_length=(out.num_accepted_tokens + out.num_spec_rounds) / out.num_spec_rounds)
-    return Usage(prompt_tokens=out.num_prompt_tokens, completion_tokens=len(out.token_ids),
-                 total_tokens=out.num_prompt_tokens + len(out.token_ids), speculative_decoding=spec)
+    if rounds:
+        spec = SpeculativeUsage(rounds=rounds, draft_tokens=sum(o.num_draft_tokens for o in outs),
+                                accepted_tokens=accepted, mean_acceptance_length=(accepted + rounds) / rounds)
+    prompt, completion = outs[0].num_prompt_tokens, sum(len(o.token_ids) for o in outs)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                 speculative_decoding=spec)
 
 
 def _token(plan: Plan, token_id: int) -> tuple[str, bytes]:
@@ -98,17 +113,19 @@ def completion_logprobs(plan: Plan, logprobs: list[TokenLogprob] | None,
 
 
 class ResponseFormat(Protocol):
-    def opening(self, plan: Plan) -> BaseModel | None:
-        """The chunk sent before any text, if the format has one."""
+    """Builders of one response; `index` is the choice (0 .. n - 1)."""
 
-    def delta(self, plan: Plan, out: RequestOutput) -> BaseModel:
+    def opening(self, plan: Plan, index: int) -> BaseModel | None:
+        """The chunk sent before any text of a choice, if the format has one."""
+
+    def delta(self, plan: Plan, out: RequestOutput, index: int) -> BaseModel:
         """The chunk of what `out` added: its text delta and, if asked for, its tokens' logprobs."""
 
-    def finish(self, plan: Plan, finish_reason: str | None) -> BaseModel: ...
+    def finish(self, plan: Plan, finish_reason: str | None, index: int) -> BaseModel: ...
 
     def usage(self, plan: Plan, usage: Usage) -> BaseModel: ...
 
-    def complete(self, plan: Plan, out: RequestOutput) -> BaseModel: ...
+    def complete(self, plan: Plan, outs: list[RequestOutput]) -> BaseModel: ...
 
 
 class ChatFormat:
@@ -117,24 +134,25 @@ class ChatFormat:
         return ChatCompletionChunk(id=plan.req_id, created=plan.created, model=plan.model,
                                    choices=choices, usage=usage)
 
-    def opening(self, plan: Plan) -> BaseModel:
-        return self._chunk(plan, [ChatChunkChoice(delta={"role": "assistant", "content": ""})])
+    def opening(self, plan: Plan, index: int) -> BaseModel:
+        return self._chunk(plan, [ChatChunkChoice(index=index, delta={"role": "assistant", "content": ""})])
 
-    def delta(self, plan: Plan, out: RequestOutput) -> BaseModel:
-        return self._chunk(plan, [ChatChunkChoice(delta={"content": out.delta_text},
+    def delta(self, plan: Plan, out: RequestOutput, index: int) -> BaseModel:
+        return self._chunk(plan, [ChatChunkChoice(index=index, delta={"content": out.delta_text},
                                                   logprobs=chat_logprobs(plan, out.delta_logprobs))])
 
-    def finish(self, plan: Plan, finish_reason: str | None) -> BaseModel:
-        return self._chunk(plan, [ChatChunkChoice(delta={}, finish_reason=finish_reason)])
+    def finish(self, plan: Plan, finish_reason: str | None, index: int) -> BaseModel:
+        return self._chunk(plan, [ChatChunkChoice(index=index, delta={}, finish_reason=finish_reason)])
 
     def usage(self, plan: Plan, usage: Usage) -> BaseModel:
         return self._chunk(plan, [], usage)
 
-    def complete(self, plan: Plan, out: RequestOutput) -> BaseModel:
-        choice = ChatChoice(message=AssistantMessage(content=out.text),
-                            logprobs=chat_logprobs(plan, out.logprobs), finish_reason=out.finish_reason)
+    def complete(self, plan: Plan, outs: list[RequestOutput]) -> BaseModel:
+        choices = [ChatChoice(index=i, message=AssistantMessage(content=out.text),
+                              logprobs=chat_logprobs(plan, out.logprobs), finish_reason=out.finish_reason)
+                   for i, out in enumerate(outs)]
         return ChatCompletionResponse(id=plan.req_id, created=plan.created, model=plan.model,
-                                      choices=[choice], usage=usage_of(out))
+                                      choices=choices, usage=usage_of(outs))
 
 
 class CompletionFormat:
@@ -143,23 +161,25 @@ class CompletionFormat:
         return CompletionResponse(id=plan.req_id, created=plan.created, model=plan.model,
                                   choices=choices, usage=usage)
 
-    def opening(self, plan: Plan) -> BaseModel | None:
-        return self._chunk(plan, [CompletionChoice(text=plan.echo)]) if plan.echo else None
+    def opening(self, plan: Plan, index: int) -> BaseModel | None:
+        return self._chunk(plan, [CompletionChoice(index=index, text=plan.echo)]) if plan.echo else None
 
-    def delta(self, plan: Plan, out: RequestOutput) -> BaseModel:
+    def delta(self, plan: Plan, out: RequestOutput, index: int) -> BaseModel:
         # offsets count from the start of the choice's text (echoed prompt included)
-        logprobs = completion_logprobs(plan, out.delta_logprobs, len(plan.echo) + plan.logprob_offset)
+        offset = plan.logprob_offsets.get(index, 0)
+        logprobs = completion_logprobs(plan, out.delta_logprobs, len(plan.echo) + offset)
         if logprobs is not None:
-            plan.logprob_offset += sum(map(len, logprobs.tokens))
-        return self._chunk(plan, [CompletionChoice(text=out.delta_text, logprobs=logprobs)])
+            plan.logprob_offsets[index] = offset + sum(map(len, logprobs.tokens))
+        return self._chunk(plan, [CompletionChoice(index=index, text=out.delta_text, logprobs=logprobs)])
 
-    def finish(self, plan: Plan, finish_reason: str | None) -> BaseModel:
-        return self._chunk(plan, [CompletionChoice(text="", finish_reason=finish_reason)])
+    def finish(self, plan: Plan, finish_reason: str | None, index: int) -> BaseModel:
+        return self._chunk(plan, [CompletionChoice(index=index, text="", finish_reason=finish_reason)])
 
     def usage(self, plan: Plan, usage: Usage) -> BaseModel:
         return self._chunk(plan, [], usage)
 
-    def complete(self, plan: Plan, out: RequestOutput) -> BaseModel:
-        logprobs = completion_logprobs(plan, out.logprobs, len(plan.echo))
-        choice = CompletionChoice(text=plan.echo + out.text, logprobs=logprobs, finish_reason=out.finish_reason)
-        return self._chunk(plan, [choice], usage_of(out))
+    def complete(self, plan: Plan, outs: list[RequestOutput]) -> BaseModel:
+        choices = [CompletionChoice(index=i, text=plan.echo + out.text, finish_reason=out.finish_reason,
+                                    logprobs=completion_logprobs(plan, out.logprobs, len(plan.echo)))
+                   for i, out in enumerate(outs)]
+        return self._chunk(plan, choices, usage_of(outs))

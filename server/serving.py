@@ -16,6 +16,7 @@ from fastapi.responses import Response, StreamingResponse
 from engine.async_engine import AsyncLLM
 from engine.output_processor import RequestOutput
 from scheduler import EngineDead, InvalidRequest, SamplingParams
+from server.choices import merge_choices
 from server.errors import APIError
 from server.formats import Plan, ResponseFormat
 from server.metrics import Metrics
@@ -54,6 +55,7 @@ class ClientDisconnected(Exception):
 
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
+MAX_CHOICES = 128  # OpenAI's limit for n
 MAX_CHAT_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5
 
@@ -158,9 +160,8 @@ def _check_common(body: GenerationRequest, ctx: ServingContext) -> None:
         raise InvalidRequest(message, name)
     if body.n < 1:
         raise InvalidRequest(f"n must be at least 1, got {body.n}", "n")
-    if body.n > 1:
-        raise InvalidRequest("n > 1 is not supported yet: send n separate requests (with "
-                             "different seeds)", "n")
+    if body.n > MAX_CHOICES:
+        raise InvalidRequest(f"n must be at most {MAX_CHOICES}, got {body.n}", "n")
     if body.stream_options is not None and not body.stream:
         raise InvalidRequest("stream_options is only allowed when stream is true",
                              "stream_options")
@@ -226,7 +227,8 @@ def _plan(body: GenerationRequest, ctx: ServingContext, req_id: str, prompt_ids:
     )
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     token_bytes = None if logprobs is None else ctx.engine.info.tokenizer.token_bytes
-    return Plan(req_id, ctx.model_name, prompt_ids, params, body.stream, include_usage, token_bytes)
+    return Plan(req_id, ctx.model_name, prompt_ids, params, body.stream, include_usage, token_bytes,
+                n=body.n)
 
 
 # ---- running it --------------------------------------------------------------------------
@@ -234,8 +236,11 @@ def _plan(body: GenerationRequest, ctx: ServingContext, req_id: str, prompt_ids:
 
 async def respond(request: Request, plan: Plan, fmt: ResponseFormat,
                   ctx: ServingContext) -> Response:
-    outputs = ctx.metrics.track(
-        ctx.engine.generate(plan.prompt_ids, plan.params, plan.req_id, plan.arrival_time))
+    first_id = plan.choice_id(0)
+    streams = [ctx.metrics.track(ctx.engine.generate(
+        plan.prompt_ids, plan.choice_params(i), plan.choice_id(i), plan.arrival_time,
+        prompt_parent=first_id if i else None)) for i in range(plan.n)]
+    outputs = merge_choices(streams)
     try:
         if plan.stream:
             # Wait for the first output before sending headers, so a refusal (full queue, bad
@@ -244,21 +249,24 @@ async def respond(request: Request, plan: Plan, fmt: ResponseFormat,
             return StreamingResponse(sse_events(plan, fmt, first, outputs),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        final = await until_disconnected(request, _last(outputs))
-        return Response(fmt.complete(plan, final).model_dump_json(),
+        finals = await until_disconnected(request, _finals(outputs, plan.n))
+        return Response(fmt.complete(plan, finals).model_dump_json(),
                         media_type="application/json")
     except ClientDisconnected:
         logger.info("client left before %s finished; aborted", plan.req_id)
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     finally:
         if not plan.stream:
-            await outputs.aclose()  # no-op when finished; otherwise aborts the request
+            await outputs.aclose()  # no-op when finished; otherwise aborts the requests
 
 
-async def _last(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
-    async for out in outputs:
+async def _finals(outputs: AsyncIterator[tuple[int, RequestOutput]], n: int) -> list[RequestOutput]:
+    finals: dict[int, RequestOutput] = {}
+    async for index, out in outputs:
         if out.finished:
-            return out
+            finals[index] = out
+            if len(finals) == n:
+                return [finals[i] for i in range(n)]
     raise EngineDead("the request was aborted")
 
 

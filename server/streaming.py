@@ -24,27 +24,32 @@ def sse(body: BaseModel) -> str:
     return f"data: {body.model_dump_json()}\n\n"
 
 
-async def sse_events(plan: Plan, fmt: ResponseFormat, first: RequestOutput,
-                     outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
-    """Events of one stream. `first` was awaited before the response started (so refusals are
-    plain HTTP errors); `outputs` yields the rest. When the client disconnects, starlette cancels
-    this generator, and closing `outputs` aborts the request in the engine."""
+async def sse_events(plan: Plan, fmt: ResponseFormat, first: tuple[int, RequestOutput],
+                     outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
+    """Events of one stream over its choices. `first` was awaited before the response started
+    (so refusals are plain HTTP errors); `outputs` yields the rest. When the client
+    disconnects, starlette cancels this generator, and closing `outputs` aborts the requests."""
     async with aclosing(outputs):
         try:
-            if (opening := fmt.opening(plan)) is not None:
-                yield sse(opening)
-            out = first
+            for index in range(plan.n):
+                if (opening := fmt.opening(plan, index)) is not None:
+                    yield sse(opening)
+            finals: dict[int, RequestOutput] = {}
+            item: tuple[int, RequestOutput] | None = first
             while True:
-                if out.delta_text or out.delta_logprobs:
-                    yield sse(fmt.delta(plan, out))
-                if out.finished:
-                    yield sse(fmt.finish(plan, out.finish_reason))
-                    if plan.include_usage:
-                        yield sse(fmt.usage(plan, usage_of(out)))
-                    break
-                out = await anext(outputs, None)
-                if out is None:
+                if item is None:
                     raise EngineDead("the request was aborted")
+                index, out = item
+                if out.delta_text or out.delta_logprobs:
+                    yield sse(fmt.delta(plan, out, index))
+                if out.finished:
+                    yield sse(fmt.finish(plan, out.finish_reason, index))
+                    finals[index] = out
+                    if len(finals) == plan.n:
+                        if plan.include_usage:
+                            yield sse(fmt.usage(plan, usage_of([finals[i] for i in range(plan.n)])))
+                        break
+                item = await anext(outputs, None)
         except DSparkError as e:
             # The status line is gone already; tell the client in-band, as vLLM does.
             logger.warning("stream %s ended early: %s", plan.req_id, e)

@@ -151,8 +151,10 @@ def test_openai_client_against_tiny(tiny_server, tiny_model_name):
         openai.OpenAI(base_url=f"{tiny_server.url}/v1", api_key="wrong").models.list()
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4", messages=CHAT["messages"])
-    with pytest.raises(openai.BadRequestError, match="n > 1"):
-        client.chat.completions.create(model=tiny_model_name, messages=CHAT["messages"], n=2)
+    two = client.chat.completions.create(model=tiny_model_name, messages=CHAT["messages"], n=2, max_tokens=4)
+    assert [c.index for c in two.choices] == [0, 1]
+    with pytest.raises(openai.BadRequestError, match="n must be at most 128"):
+        client.chat.completions.create(model=tiny_model_name, messages=CHAT["messages"], n=129)
 
 
 class _GatedEngine(LLMEngine):

@@ -62,6 +62,17 @@ def test_disconnected_streams_are_aborted(tiny_server):
     assert tiny_server.app.state.server.engine.num_in_flight == 0
 
 
+def test_disconnected_n_choice_stream_aborts_every_choice(tiny_server):
+    before = metric_samples(httpx.get(f"{tiny_server.url}/metrics").text)
+    dropped = asyncio.run(disconnect_streams(tiny_server.url, {**LONG, "n": 4}, 3, AUTH))
+    assert dropped == 3
+    samples = wait_engine_idle(tiny_server.url)
+    aborts = (metric(samples, "dspark:request_success_total", finish_reason="abort")
+              - metric(before, "dspark:request_success_total", finish_reason="abort"))
+    assert aborts == 12  # every choice of every dropped stream, parked ones included
+    assert tiny_server.app.state.server.engine.num_in_flight == 0
+
+
 def test_disconnected_non_streaming_request_is_aborted(tiny_server):
     before = metric_samples(httpx.get(f"{tiny_server.url}/metrics").text)
     try:

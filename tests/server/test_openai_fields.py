@@ -30,14 +30,14 @@ HONOURED = {
         ("messages", [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}]),
         ("model", None), ("frequency_penalty", 1.0), ("presence_penalty", -1.0), ("logit_bias", {"5": 100}),
         ("logprobs", True), ("max_completion_tokens", 3), ("max_tokens", 2), ("metadata", {"k": "v"}),
-        ("modalities", ["text"]), ("n", 1), ("prompt_cache_key", "abc"), ("response_format", {"type": "text"}),
+        ("modalities", ["text"]), ("n", 3), ("prompt_cache_key", "abc"), ("response_format", {"type": "text"}),
         ("safety_identifier", "u1"), ("seed", 3), ("service_tier", "auto"), ("stop", ["zz", "yy"]),
         ("store", False), ("stream", True), ("stream_options", None), ("temperature", 0.7),
         ("tool_choice", "none"), ("top_p", 0.9), ("user", "someone"),
     ],
     "completions": [
         ("model", None), ("prompt", [1, 2, 3]), ("best_of", 1), ("echo", True), ("frequency_penalty", 2.0),
-        ("logit_bias", {"7": 100}), ("logprobs", 2), ("max_tokens", 3), ("n", 1), ("presence_penalty", 2.0),
+        ("logit_bias", {"7": 100}), ("logprobs", 2), ("max_tokens", 3), ("n", 2), ("presence_penalty", 2.0),
         ("seed", 1), ("stop", "zz"), ("stream", True), ("stream_options", None), ("suffix", ""),
         ("temperature", 1.5), ("top_p", 0.5), ("user", "someone"),
     ],
@@ -49,7 +49,7 @@ REFUSED = {
         ("parallel_tool_calls", True), ("prediction", {"type": "content", "content": "x"}),
         ("reasoning_effort", "low"), ("response_format", {"type": "json_object"}), ("tools", [TOOL]),
         ("tool_choice", "required"), ("verbosity", "low"), ("web_search_options", {}),
-        ("modalities", ["text", "audio"]), ("n", 2), ("top_logprobs", 3),  # without logprobs
+        ("modalities", ["text", "audio"]), ("n", 129), ("n", 0), ("top_logprobs", 3),  # without logprobs
         ("frequency_penalty", 2.5), ("presence_penalty", "1"), ("logit_bias", {"x": 1}),
         ("logit_bias", {"5": 101}), ("logit_bias", {"999999": 1}), ("max_completion_tokens", 0),
         ("stop", ["a", "b", "c", "d", "e"]), ("temperature", -1), ("top_p", 0), ("seed", -1),
@@ -58,7 +58,7 @@ REFUSED = {
         ("logprobs", "yes"),
     ],
     "completions": [
-        ("best_of", 3), ("suffix", "tail"), ("logprobs", 6), ("n", 2), ("frequency_penalty", -3),
+        ("best_of", 3), ("suffix", "tail"), ("logprobs", 6), ("n", 200), ("frequency_penalty", -3),
         ("prompt", ["a", "b"]), ("stop", ["a", "b", "c", "d", "e"]), ("echo", "no"),
     ],
 }
@@ -143,3 +143,27 @@ def test_tokenize_and_detokenize(tiny_client):
     assert chat["count"] == usage["prompt_tokens"]
     assert tiny_client.post("/tokenize", json={}).status_code == 400
     assert tiny_client.post("/detokenize", json={"tokens": [10**9]}).json()["error"]["param"] == "tokens"
+
+
+def test_n_choices_whole_and_streamed(tiny_client):
+    """n choices: indexes 0..n-1, seeded choice i equals a single request with seed + i, usage
+    counts the prompt once; the stream carries every choice, each with its own finish."""
+    body = {**CHAT, "max_tokens": 8, "temperature": 1.0, "seed": 40, "n": 3}
+    whole = tiny_client.post("/v1/chat/completions", json=body).json()
+    assert [c["index"] for c in whole["choices"]] == [0, 1, 2]
+    singles = [tiny_client.post("/v1/chat/completions", json={**body, "n": 1, "seed": 40 + i}).json()
+               for i in range(3)]
+    assert [c["message"]["content"] for c in whole["choices"]] == [
+        s["choices"][0]["message"]["content"] for s in singles]
+    assert whole["usage"]["prompt_tokens"] == singles[0]["usage"]["prompt_tokens"]
+    assert whole["usage"]["completion_tokens"] == sum(s["usage"]["completion_tokens"] for s in singles)
+    from tests.server.helpers import parse_sse
+
+    with tiny_client.stream("POST", "/v1/chat/completions",
+                            json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        events, done = parse_sse(list(r.iter_lines()))
+    assert done and events[-1]["usage"] == whole["usage"]
+    for i in range(3):
+        text = "".join(c["delta"].get("content", "") for e in events for c in e["choices"] if c["index"] == i)
+        assert text == whole["choices"][i]["message"]["content"]
+        assert sum(1 for e in events for c in e["choices"] if c["index"] == i and c["finish_reason"]) == 1
