@@ -106,8 +106,8 @@ def test_completion_logprobs_and_echo(oai, default_llm):
 def test_n_choices_equal_single_requests_with_derived_seeds(oai):
     # Without speculation: with it, a seeded sample path also depends on the drafts, whose own
     # sampling is not keyed on the request's seed (the distribution is exact, the path is not).
-    kwargs = dict(model=MODEL, messages=MESSAGES, max_tokens=24, temperature=0.8,
-                  extra_body={"speculative": False})
+    kwargs = {"model": MODEL, "messages": MESSAGES, "max_tokens": 24, "temperature": 0.8,
+                  "extra_body": {"speculative": False}}
     three = oai.chat.completions.create(n=3, seed=7, **kwargs)
     singles = [oai.chat.completions.create(seed=7 + i, **kwargs).choices[0].message.content for i in range(3)]
     assert [c.message.content for c in three.choices] == singles
