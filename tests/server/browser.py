@@ -1,0 +1,78 @@
+"""A headless chromium driven over the DevTools protocol on a pipe (`--remote-debugging-pipe`:
+NUL-terminated JSON on fds 3 and 4), so browser tests need no extra Python package."""
+
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+class HeadlessPage:
+    def __init__(self, url: str, profile_dir: Path) -> None:
+        assert CHROMIUM is not None
+        to_browser_r, self._to_browser = os.pipe()
+        self._from_browser, from_browser_w = os.pipe()
+
+        def wire_fds() -> None:  # in the child: the protocol's fds 3 (reads) and 4 (writes)
+            high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (to_browser_r, from_browser_w)]
+            os.dup2(high[0], 3)  # via fds >= 10, so neither dup2 clobbers the other's source
+            os.dup2(high[1], 4)
+
+        self.proc = subprocess.Popen(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--remote-debugging-pipe", f"--user-data-dir={profile_dir}", "about:blank"],
+            preexec_fn=wire_fds, pass_fds=(3, 4),  # kept open after preexec_fn wires them
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(to_browser_r)
+        os.close(from_browser_w)
+        self._buffer = b""
+        self._next_id = 0
+        target = self._call("Target.createTarget", {"url": url})["targetId"]
+        self._session = self._call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+
+    def evaluate(self, expression: str) -> Any:
+        result = self._call("Runtime.evaluate", {"expression": expression, "returnByValue": True},
+                            self._session)
+        return result["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float) -> Any:
+        """Poll `expression` until it is truthy; return its value."""
+        deadline = time.monotonic() + timeout
+        while not (value := self.evaluate(expression)):
+            assert time.monotonic() < deadline, f"timed out waiting for {expression}"
+            time.sleep(0.1)
+        return value
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        os.close(self._to_browser)
+        os.close(self._from_browser)
+
+    def _call(self, method: str, params: dict, session: str | None = None) -> dict:
+        self._next_id += 1
+        message: dict[str, Any] = {"id": self._next_id, "method": method, "params": params}
+        if session is not None:
+            message["sessionId"] = session
+        os.write(self._to_browser, json.dumps(message).encode() + b"\0")
+        while True:  # events (no id) and other answers are skipped
+            reply = self._read()
+            if reply.get("id") == self._next_id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply["result"]
+
+    def _read(self) -> dict:
+        while b"\0" not in self._buffer:
+            chunk = os.read(self._from_browser, 1 << 16)
+            if not chunk:
+                raise RuntimeError("chromium closed the DevTools pipe")
+            self._buffer += chunk
+        raw, self._buffer = self._buffer.split(b"\0", 1)
+        return json.loads(raw)
