@@ -1,7 +1,6 @@
 """A headless chromium driven over the DevTools protocol on a pipe (`--remote-debugging-pipe`:
 NUL-terminated JSON on fds 3 and 4), so browser tests need no extra Python package."""
 
-import fcntl
 import json
 import os
 import shutil
@@ -19,16 +18,12 @@ class HeadlessPage:
         to_browser_r, self._to_browser = os.pipe()
         self._from_browser, from_browser_w = os.pipe()
 
-        def wire_fds() -> None:  # in the child: the protocol's fds 3 (reads) and 4 (writes)
-            high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (to_browser_r, from_browser_w)]
-            os.dup2(high[0], 3)  # via fds >= 10, so neither dup2 clobbers the other's source
-            os.dup2(high[1], 4)
-
+        # the shell puts the pipe ends on the protocol's fds 3 (chromium reads) and 4 (writes)
+        wiring = f'exec "$0" "$@" 3<&{to_browser_r} 4>&{from_browser_w}'
         self.proc = subprocess.Popen(
-            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+            ["sh", "-c", wiring, CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
              "--remote-debugging-pipe", f"--user-data-dir={profile_dir}", "about:blank"],
-            preexec_fn=wire_fds, pass_fds=(3, 4),  # kept open after preexec_fn wires them
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            pass_fds=(to_browser_r, from_browser_w), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         os.close(to_browser_r)
         os.close(from_browser_w)
         self._buffer = b""

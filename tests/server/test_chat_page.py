@@ -8,8 +8,8 @@ import pytest
 
 from server.app import create_app
 from server.config import ServerConfig
-from tests.server.conftest import tiny_engine_config
 from tests.server.browser import CHROMIUM, HeadlessPage
+from tests.server.conftest import tiny_engine_config
 from tests.server.helpers import ThreadedServer
 
 
