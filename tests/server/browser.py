@@ -1,6 +1,7 @@
 """A headless chromium driven over the DevTools protocol on a pipe (`--remote-debugging-pipe`:
 NUL-terminated JSON on fds 3 and 4), so browser tests need no extra Python package."""
 
+import fcntl
 import json
 import os
 import shutil
@@ -12,16 +13,24 @@ from typing import Any
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+def _high(fds: tuple[int, int]) -> tuple[int, int]:
+    moved = tuple(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in fds)
+    for fd in fds:
+        os.close(fd)
+    return moved  # type: ignore[return-value]
+
+
 class HeadlessPage:
     def __init__(self, url: str, profile_dir: Path) -> None:
         assert CHROMIUM is not None
-        to_browser_r, self._to_browser = os.pipe()
-        self._from_browser, from_browser_w = os.pipe()
+        to_browser_r, self._to_browser = _high(os.pipe())
+        self._from_browser, from_browser_w = _high(os.pipe())
 
-        # the shell puts the pipe ends on the protocol's fds 3 (chromium reads) and 4 (writes)
+        # bash puts the pipe ends on the protocol's fds 3 (chromium reads) and 4 (writes);
+        # they sit at fds >= 10, so neither redirection overwrites the other's source
         wiring = f'exec "$0" "$@" 3<&{to_browser_r} 4>&{from_browser_w}'
         self.proc = subprocess.Popen(
-            ["sh", "-c", wiring, CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+            ["bash", "-c", wiring, CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
              "--remote-debugging-pipe", f"--user-data-dir={profile_dir}", "about:blank"],
             pass_fds=(to_browser_r, from_browser_w), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         os.close(to_browser_r)
