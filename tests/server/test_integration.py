@@ -120,7 +120,9 @@ def test_64_concurrent_streams_equal_sequential(real_server, http):
     for i, text, usage in results:
         ref = sequential[i % len(bodies)]
         assert text == ref["choices"][0]["message"]["content"], (i, QUESTIONS[i % len(bodies)])
-        assert usage.model_dump(exclude_none=True) == ref["usage"]
+        # speculation statistics depend on the load; the token counts do not
+        counts = {k: ref["usage"][k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+        assert usage.model_dump(exclude_none=True, exclude={"speculative_decoding"}) == counts
     wait_engine_idle(real_server.url)
 
 

@@ -6,6 +6,7 @@ import openai
 import pytest
 
 from scheduler import SamplingParams
+from tests.server.helpers import ServerProcess
 
 pytestmark = pytest.mark.slow
 
@@ -15,8 +16,22 @@ MAX_TOKENS = 32
 
 
 @pytest.fixture(scope="module")
-def oai(real_server):
-    return openai.OpenAI(base_url=f"{real_server.url}/v1", api_key="unused", timeout=300)
+def fixed_server(tmp_path_factory):
+    """The real model speculating with the shipped DSpark drafter under the fixed policy (γ
+    drafts verified every step), so the speculative requests here always verify drafts: the
+    scheduled policy may rest its drafter on a loaded machine."""
+    log = tmp_path_factory.mktemp("fixed-server") / "server.log"
+    proc = ServerProcess(["--device", "cpu", "--dtype", "float32", "--verify-policy", "fixed",
+                          "--kv-cache-bytes", str(256 << 20), "--max-num-seqs", "16"], log)
+    try:
+        yield proc.wait_healthy()
+    finally:
+        proc.terminate()
+
+
+@pytest.fixture(scope="module")
+def oai(fixed_server):
+    return openai.OpenAI(base_url=f"{fixed_server.url}/v1", api_key="unused", timeout=300)
 
 
 def _chat(oai, speculative: bool, stream: bool, **fields):
