@@ -116,11 +116,10 @@ class ChatCompletionRequest(GenerationRequest):
         return "max_tokens" if self.max_completion_tokens is None else "max_completion_tokens"
 
     def unsupported(self) -> dict[str, str]:
+        # tool_choice "none" is OpenAI's default without tools: accepted
         refused = {name: f"{name} is not supported yet" for name in (
             "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call", "audio",
-            "prediction", "web_search_options", "verbosity") if getattr(self, name) is not None}
-        if self.tool_choice == "none":
-            refused.pop("tool_choice")
+            "prediction", "web_search_options", "verbosity") if getattr(self, name) not in (None, "none")}
         if self.reasoning_effort is not None:
             refused["reasoning_effort"] = "reasoning_effort is not supported: the served model does not reason"
         if self.response_format is not None and self.response_format != {"type": "text"}:

@@ -93,10 +93,11 @@ def _render_message(message: ChatMessage, i: int, template: str) -> dict[str, An
         out["role"] = "system"
     if message.tool_calls and "tool_calls" not in template:
         calls = json.dumps({"tool_calls": message.tool_calls}, ensure_ascii=False)
-        text = out.get("content") or ""
-        if isinstance(text, list):
-            text = "\n".join(p["text"] for p in text)
-        out["content"] = f"{text}\n{calls}" if text else calls
+        content = out.get("content") or ""
+        if isinstance(content, list):  # text parts: the tokenizer joins them with newlines
+            out["content"] = [*content, {"type": "text", "text": calls}]
+        else:
+            out["content"] = f"{content}\n{calls}" if content else calls
         del out["tool_calls"]
     return out
 
