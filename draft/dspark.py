@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from draft.base import DraftInput, LearnedDrafter, Proposal, TargetHandle
-from draft.heads import ConfidenceHead, make_head
+from draft.heads import ConfidenceHead, calibrated, calibration_terms, make_head
 from engine.model import (
     Linear,
     RMSNorm,
@@ -51,8 +51,10 @@ class DSparkConfig:
     head: str = "markov"  # markov | rnn | none
     head_rank: int = 32
     confidence: bool = True
-    # Sequential Temperature Scaling of the confidence logits, one per position (None: 1.0).
+    # Sequential Temperature Scaling of the confidence logits, c_k = sigmoid(z_k / T_k + b_k),
+    # one temperature and one bias per position (None: T = 1, b = 0).
     confidence_temperatures: tuple[float, ...] | None = None
+    confidence_biases: tuple[float, ...] | None = None
     target_model: str = ""  # the target this drafter was trained against (informational)
     # Draft vocabulary: at inference, propose only among this many tokens (the most frequent in
     # the target's training responses; ids in the `draft_vocab` buffer); 0: all. It saves most
@@ -62,8 +64,9 @@ class DSparkConfig:
     def to_json(self) -> dict:
         d = asdict(self)
         d["target_layers"] = list(self.target_layers)
-        if self.confidence_temperatures is not None:
-            d["confidence_temperatures"] = list(self.confidence_temperatures)
+        for name in ("confidence_temperatures", "confidence_biases"):
+            if d[name] is not None:
+                d[name] = list(d[name])
         return d
 
     @classmethod
@@ -72,8 +75,9 @@ class DSparkConfig:
         d = {k: v for k, v in d.items() if k in names}
         if "target_layers" in d:
             d["target_layers"] = tuple(d["target_layers"])
-        if d.get("confidence_temperatures") is not None:
-            d["confidence_temperatures"] = tuple(d["confidence_temperatures"])
+        for name in ("confidence_temperatures", "confidence_biases"):
+            if d.get(name) is not None:
+                d[name] = tuple(d[name])
         return cls(**d)
 
 
@@ -266,10 +270,9 @@ class DSparkModel(nn.Module):
     def max_draft_tokens(self) -> int:
         return 10**6  # mask positions beyond the trained block still get (weaker) drafts
 
-    def sts_temperatures(self, block: int, device: torch.device) -> torch.Tensor:
-        temps = list(self.config.confidence_temperatures or [])
-        temps = (temps + [temps[-1] if temps else 1.0] * block)[:block]
-        return torch.tensor(temps, device=device, dtype=torch.float32)
+    def sts_terms(self, block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        return calibration_terms(self.config.confidence_temperatures, self.config.confidence_biases,
+                                 block, device)
 
     def make_drafter(self, num_draft_tokens: int, seed: int = 0) -> "DSparkDrafter":
         return DSparkDrafter(self, num_draft_tokens, seed)
@@ -424,7 +427,7 @@ class DSparkDrafter(LearnedDrafter):
         h = m.norm(x[:, :n])  # [R, n, hidden]
         base = m.base_logits(h, self.lm_head)  # [R, n, V or draft vocabulary]
         sampling = DraftSampling(inputs, m.draft_vocab, cfg.vocab_size, self.generator, device)
-        sts = m.sts_temperatures(n, device)
+        sts_t, sts_b = m.sts_terms(n, device)
         state = m.head.init_state(num, h) if m.head is not None else None
         prev = anchors
         conf = []
@@ -435,6 +438,6 @@ class DSparkDrafter(LearnedDrafter):
                 logits = logits + bias.float()
             tok = sampling.draw(logits)
             c = m.confidence_logits(h[:, k], prev)
-            conf.append(torch.sigmoid(c / sts[k]) if c is not None else torch.ones(num, device=device))
+            conf.append(calibrated(c, sts_t[k], sts_b[k]) if c is not None else torch.ones(num, device=device))
             prev = tok
         return sampling.proposals(conf)

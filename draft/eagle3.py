@@ -29,7 +29,7 @@ from draft.dspark import (
     rotate,
     vocab_logits,
 )
-from draft.heads import ConfidenceHead
+from draft.heads import ConfidenceHead, calibrated, calibration_terms
 from engine.model import Linear, RMSNorm, RotaryEmbedding, prepack_linears
 
 
@@ -109,10 +109,9 @@ class Eagle3Model(nn.Module):
         conf = self.confidence(h) if self.confidence is not None else None
         return logits, conf
 
-    def sts_temperatures(self, block: int, device) -> torch.Tensor:
-        temps = list(self.config.confidence_temperatures or [])
-        temps = (temps + [temps[-1] if temps else 1.0] * block)[:block]
-        return torch.tensor(temps, device=device, dtype=torch.float32)
+    def sts_terms(self, block: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        return calibration_terms(self.config.confidence_temperatures, self.config.confidence_biases,
+                                 block, device)
 
     # ---- training: TTT over γ steps ------------------------------------------------------
 
@@ -215,7 +214,7 @@ class Eagle3Drafter(LearnedDrafter):
         g_prev = torch.stack([c.g_last for c in caches])  # [R, h]
         prev = torch.tensor([x.token_ids[-1] for x in inputs], device=device)
         sampling = DraftSampling(inputs, m.draft_vocab, m.config.vocab_size, self.generator, device)
-        sts = m.sts_temperatures(gamma, device)
+        sts_t, sts_b = m.sts_terms(gamma, device)
         conf = []
         for j in range(self.num_positions(inputs)):
             q, k, v = m.qkv(m.layer_input(prev, g_prev)[:, None], (pos0 + j)[:, None])
@@ -224,6 +223,6 @@ class Eagle3Drafter(LearnedDrafter):
             h = m.finish(g_prev[:, None], q, ks, vs, vis[:, None, None])  # [R, 1, h]
             logits, c = m.logits_and_confidence(h, self.lm_head)
             tok = sampling.draw(logits[:, 0])
-            conf.append(torch.sigmoid(c[:, 0] / sts[j]) if c is not None else torch.ones(num, device=device))
+            conf.append(calibrated(c[:, 0], sts_t[j], sts_b[j]) if c is not None else torch.ones(num, device=device))
             prev, g_prev = tok, h[:, 0]
         return sampling.proposals(conf)

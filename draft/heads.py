@@ -101,7 +101,7 @@ def make_head(kind: str, vocab_size: int, rank: int, hidden_size: int) -> Sequen
 class ConfidenceHead(nn.Module):
     """c_k = sigmoid(wᵀ [h_k ; W1[x_{k-1}]] + b) / T_k: P(x_k accepted | earlier ones accepted).
 
-    Returns logits; per-position STS temperatures divide them at inference."""
+    Returns logits; at inference `calibrated` maps them with the per-position STS terms."""
 
     def __init__(self, input_dim: int) -> None:
         super().__init__()
@@ -111,3 +111,19 @@ class ConfidenceHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.proj(features).squeeze(-1).float()
+
+
+def calibration_terms(temperatures: tuple[float, ...] | None, biases: tuple[float, ...] | None,
+                      block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """STS temperatures T_k and biases b_k for positions 1..block ([block] each); positions past
+    the fitted ones reuse the last fitted terms (none fitted: T = 1, b = 0)."""
+    def pad(values: tuple[float, ...] | None, default: float) -> torch.Tensor:
+        v = list(values or [])
+        v = (v + [v[-1] if v else default] * block)[:block]
+        return torch.tensor(v, device=device, dtype=torch.float32)
+    return pad(temperatures, 1.0), pad(biases, 0.0)
+
+
+def calibrated(logits: torch.Tensor, temperature: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """c = sigmoid(z / T + b): monotone in z for T > 0, so a position's ranking is kept."""
+    return torch.sigmoid(logits / temperature + bias)

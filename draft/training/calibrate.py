@@ -1,9 +1,11 @@
 """Sequential Temperature Scaling (STS) of the confidence head, and calibration metrics.
 
 The scheduler ranks draft positions by the survival probability a_k = Π_{i<=k} c_i. STS fits
-one temperature per position, left to right: c_k = sigmoid(z_k / T_k) with T_k chosen by a 1-D
-grid search to minimise the ECE of a_k (earlier temperatures fixed). Each T_k > 0 is a monotone
-map of z_k, so the order of confidences at a position is preserved.
+one temperature and one bias per position, left to right: c_k = sigmoid(z_k / T_k + b_k) with
+(T_k, b_k) chosen by a grid search to minimise the ECE of a_k (earlier terms fixed). A temperature
+alone cannot remove an offset (a head that over-predicts a low acceptance rate), hence the bias
+(Platt scaling); ties go to the smallest |b_k|, so a bias is used only where it lowers the ECE.
+Each T_k > 0 makes c_k a monotone map of z_k, so the order of confidences at a position is kept.
 
 Calibration targets: on held-out target-generated data the probability that draft token k is
 accepted given its prefix was is c*_k = 1 − ½‖p_d,k − p_t,k‖₁ (exact for rejection sampling), so
@@ -22,6 +24,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 GRID = torch.logspace(-1.0, 1.0, 161)  # temperatures 0.1 .. 10
+BIAS_GRID = sorted(torch.linspace(-2.0, 2.0, 81).tolist(), key=abs)  # 0 first: ties keep b = 0
 
 
 def ece(pred: torch.Tensor, target: torch.Tensor, num_bins: int = 15) -> float:
@@ -55,30 +58,35 @@ def survival(conf: torch.Tensor) -> torch.Tensor:
 
 
 def fit_sts(logits: torch.Tensor, accept: torch.Tensor, mask: torch.Tensor | None = None
-            ) -> list[float]:
-    """Per-position temperatures, left to right. logits/accept [N, γ] (blocks fully
+            ) -> tuple[list[float], list[float]]:
+    """Per-position temperatures and biases, left to right. logits/accept [N, γ] (blocks fully
     supervised; `mask` [N] selects usable rows)."""
     if mask is not None:
         logits, accept = logits[mask], accept[mask]
     target = survival(accept)
     temps: list[float] = []
+    biases: list[float] = []
     prefix = torch.ones(logits.shape[0])
     for k in range(logits.shape[1]):
-        best_t, best_e = 1.0, ece(prefix * torch.sigmoid(logits[:, k]), target[:, k])
-        for t in GRID.tolist():
-            e = ece(prefix * torch.sigmoid(logits[:, k] / t), target[:, k])
-            if e < best_e - 1e-9:
-                best_t, best_e = t, e
+        z, s = logits[:, k], target[:, k]
+        best_t, best_b, best_e = 1.0, 0.0, ece(prefix * torch.sigmoid(z), s)
+        for b in BIAS_GRID:
+            for t in GRID.tolist():
+                e = ece(prefix * torch.sigmoid(z / t + b), s)
+                if e < best_e - 1e-9:
+                    best_t, best_b, best_e = t, b, e
         temps.append(best_t)
-        prefix = prefix * torch.sigmoid(logits[:, k] / best_t)
-    return temps
+        biases.append(best_b)
+        prefix = prefix * torch.sigmoid(z / best_t + best_b)
+    return temps, biases
 
 
 def calibration_report(logits: torch.Tensor, accept: torch.Tensor, temps: list[float] | None,
-                       seed: int = 0) -> dict:
+                       biases: list[float] | None = None, seed: int = 0) -> dict:
     """Per-position ECE (of a_k vs S_k) and AUC (a_k vs realised survival)."""
     t = torch.tensor(temps or [1.0] * logits.shape[1])
-    a = survival(torch.sigmoid(logits / t))
+    b = torch.tensor(biases or [0.0] * logits.shape[1])
+    a = survival(torch.sigmoid(logits / t + b))
     s = survival(accept)
     gen = torch.Generator().manual_seed(seed)
     realised = survival((torch.rand(accept.shape, generator=gen) < accept).float())
@@ -143,15 +151,16 @@ def calibrate_checkpoint(data_dir: str, ckpt_dir: str, model_name: str | None = 
     test_logits, test_accept = collect(model, target, seqs[1::2], half, seed + 1, anchors_per_seq)
     logger.info("calibrating on %d held-out blocks, reporting on %d others", logits.shape[0],
                 test_logits.shape[0])
-    temps = fit_sts(logits, accept)
-    before = calibration_report(test_logits, test_accept, None, seed)
-    after = calibration_report(test_logits, test_accept, temps, seed)
+    temps, biases = fit_sts(logits, accept)
+    before = calibration_report(test_logits, test_accept, None, seed=seed)
+    after = calibration_report(test_logits, test_accept, temps, biases, seed=seed)
     cfg = json.loads((path / CONFIG_FILE).read_text())
     cfg["confidence_temperatures"] = temps
+    cfg["confidence_biases"] = biases
     cfg["calibration"] = {"num_blocks": int(logits.shape[0]), "num_report_blocks": int(test_logits.shape[0]),
                           "ece_before": before["ece"],
                           "ece_after": after["ece"], "auc_before": before["auc"], "auc_after": after["auc"]}
     (path / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
     return {"checkpoint": str(path), "num_blocks": int(logits.shape[0]),
             "num_report_blocks": int(test_logits.shape[0]), "temperatures": temps,
-            "before": before, "after": after}
+            "biases": biases, "before": before, "after": after}

@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE, LOG_FILE = "train_state.pt", "train_log.jsonl"
 # what a checkpoint's config.json says about its own training and calibration, not its shape
-INIT_DROPPED_KEYS = ("train", "calibration", "confidence_temperatures", "draft_vocab_coverage")
+INIT_DROPPED_KEYS = ("train", "calibration", "confidence_temperatures", "confidence_biases", "draft_vocab_coverage")
 
 # Defaults per drafter for the default 135M target (see draft/README.md for the reasoning).
 DEFAULT_CONFIGS: dict[str, dict] = {
