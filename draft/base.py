@@ -40,6 +40,9 @@ class DraftInput:
     verify more, so positions past it are not worth their LM-head rows.
     `temperature`: the request's sampling temperature (None: unknown; 0: greedy), so a
     drafter can match the target's sharpness or take the argmax.
+    `seed`, `num_output_tokens`: a seeded request's output token k + 1 after these is the
+    winner of the race `engine.sampler.seeded_race(seed, num_output_tokens + k)`; a sampling
+    drafter draws draft k with the same race, or its drafts are rarely accepted.
     """
 
     req_id: str
@@ -49,6 +52,8 @@ class DraftInput:
     wants_proposal: bool = True
     temperature: float | None = None
     max_draft_tokens: int | None = None
+    seed: int | None = None
+    num_output_tokens: int = 0
 
 
 @dataclass(slots=True)

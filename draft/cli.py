@@ -108,6 +108,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default=None)
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seeded", action="store_true",
+                   help="give prompt j the request seed --seed + j (seeded requests draft by the target's race)")
     e.add_argument("--out", required=True, help="result JSON (a .md table and .png plot beside it)")
     return p
 
@@ -182,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = EvalConfig(args.draft, tuple(args.prompts), args.num_draft_tokens, args.temperature,
                          args.max_prompts, args.max_new_tokens, args.model, args.dtype,
-                         args.batch_size, args.seed, args.out)
+                         args.batch_size, args.seed, args.out, args.seeded)
         result = evaluate(cfg)
         print(json.dumps({"datasets": {k: v["tau"] for k, v in result["datasets"].items()},
                           "macro_tau": result["macro_tau"]}))

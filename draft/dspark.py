@@ -30,7 +30,7 @@ from engine.model import (
     linear_of_rows,
     prepack_linears,
 )
-from engine.sampler import sample_rows
+from engine.sampler import race_variables, sample_rows
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,11 +148,17 @@ def draft_vocab_head(weight: torch.Tensor, ids: torch.Tensor | None) -> nn.Modul
     return head
 
 
+RACE_CANDIDATES = 64
+
+
 class DraftSampling:
     """Left-to-right sampling of one batched draft: softmax(logits / T) with each request's
     temperature T, the argmax for greedy requests (whose `draft_probs` are then None), logits
     over the draft vocabulary `vocab_ids` when there is one. Every token is drawn from exactly
-    the row `proposals` reports (as a full-vocabulary row), which keeps verification lossless."""
+    the row `proposals` reports (as a full-vocabulary row), which keeps verification lossless.
+    Seeded requests draw by their output positions' races (`DraftInput.seed`), the variables
+    the target's samples use, so a draft is accepted when both distributions pick the same
+    winner."""
 
     def __init__(self, inputs: list[DraftInput], vocab_ids: torch.Tensor | None, vocab_size: int,
                  generator: torch.Generator, device: torch.device) -> None:
@@ -161,6 +167,8 @@ class DraftSampling:
         self.inv_t = torch.tensor([1.0 / t if t > 0 else 1.0 for t in self.temps], device=device)[:, None]
         self.all_greedy = all(t == 0 for t in self.temps)  # no distribution is needed then
         self.vocab_ids, self.vocab_size, self.generator = vocab_ids, vocab_size, generator
+        self.seeded = [(r, x.seed, x.num_output_tokens) for r, x in enumerate(inputs)
+                       if x.seed is not None and self.temps[r] > 0]
         self.tokens: list[torch.Tensor] = []
         self.probs: list[torch.Tensor] = []
 
@@ -172,11 +180,21 @@ class DraftSampling:
             p = (logits * self.inv_t).softmax(-1)
             u = torch.rand(p.shape[0], device=p.device, dtype=torch.float64, generator=self.generator)
             tok = torch.where(self.greedy, logits.argmax(-1), sample_rows(p, u))
+            for r, seed, first in self.seeded:
+                tok[r] = self._race(p[r], seed, first + len(self.tokens))
             self.probs.append(p)
         if self.vocab_ids is not None:
             tok = self.vocab_ids[tok]
         self.tokens.append(tok)
         return tok
+
+    def _race(self, probs: torch.Tensor, seed: int, position: int) -> torch.Tensor:
+        """The race winner among the row's RACE_CANDIDATES likeliest tokens (a column of the
+        row): the target's winner is almost always among them when the draft is accepted at
+        all, and the verifier does not depend on how a draft was chosen."""
+        top = probs.topk(min(RACE_CANDIDATES, probs.shape[0]))
+        ids = top.indices if self.vocab_ids is None else self.vocab_ids[top.indices]
+        return top.indices[(top.values / race_variables(seed, position, ids)).argmax()]
 
     def proposals(self, confidences: list[torch.Tensor]) -> list[Proposal]:
         tokens = torch.stack(self.tokens, 1).tolist()

@@ -62,7 +62,7 @@ class ModelRunner:
             for r, new, lp in zip(batch.sampled_req_indices, verified.token_ids, verified.logprobs):
                 sampled[r] = new
                 logprobs[r] = lp
-        out = ModelRunnerOutput(req_ids, sampled, logprobs)
+        out = ModelRunnerOutput(req_ids, sampled, logprobs, self._prompt_logprobs(sched_out, batch, hidden))
         t1 = time.perf_counter()  # sampling synchronised with the device (it reads tokens back)
         out.forward_seconds = t1 - t0
         if self.drafter is not None:
@@ -71,6 +71,34 @@ class ModelRunner:
             out.draft_seconds = time.perf_counter() - t1
             passed = self.drafter.last_pass_seconds
             out.draft_pass_seconds = out.draft_seconds if passed is None else passed
+        return out
+
+    def _prompt_logprobs(self, sched_out: SchedulerOutput, batch: FlatBatch, hidden: torch.Tensor
+                         ) -> list[tuple[int, list[TokenLogprob]] | None] | None:
+        """Raw log-probabilities of the prompt tokens each prefill chunk predicts: the logits at
+        prompt position p score prompt token p + 1 (the last position's sample the output)."""
+        wanted = [s.params.prompt_logprobs is not None and s.num_output_tokens == 0 for s in sched_out.scheduled]
+        if not any(wanted):
+            return None
+        starts = batch.cu_seqlens_q.tolist()
+        out: list[tuple[int, list[TokenLogprob]] | None] = []
+        for r, (s, want) in enumerate(zip(sched_out.scheduled, wanted)):
+            assert s.history is not None
+            end = min(s.start_pos + s.num_tokens, len(s.history) - 1)  # prompt tokens with a successor
+            if not want or end <= s.start_pos:
+                out.append(None)
+                continue
+            rows = hidden[starts[r]:starts[r] + end - s.start_pos]
+            logp = self.model.compute_logits(rows).float().log_softmax(-1)
+            targets = torch.tensor(s.history[s.start_pos + 1:end + 1], device=logp.device)
+            chosen = logp.gather(1, targets[:, None])[:, 0].tolist()
+            k = s.params.prompt_logprobs
+            tops: list[tuple[tuple[int, float], ...]] = [()] * len(chosen)
+            if k:
+                values, ids = logp.topk(k, dim=-1)
+                tops = [tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+            out.append((s.start_pos + 1, [TokenLogprob(t, lp, top)
+                                          for t, lp, top in zip(targets.tolist(), chosen, tops)]))
         return out
 
     def _draft_probs_for(self, s) -> torch.Tensor | None:
@@ -95,7 +123,8 @@ class ModelRunner:
             ctx = None if features is None else features[starts[r]:starts[r] + num_committed]
             inputs.append(DraftInput(s.req_id, s.history + new, s.start_pos + num_committed, ctx,
                                      wants_proposal=bool(new) and positions != 0 and s.params.speculative,
-                                     temperature=s.params.temperature, max_draft_tokens=positions))
+                                     temperature=s.params.temperature, max_draft_tokens=positions,
+                                     seed=s.params.seed, num_output_tokens=s.num_output_tokens + len(new)))
             rows.append(r)
             # choices that will share this prompt's KV need its context too, up to the fork
             shared = min(num_committed, s.fork_num_tokens - s.start_pos)

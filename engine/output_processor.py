@@ -31,6 +31,9 @@ class RequestOutput:
     # one per token of `token_ids` / `delta_token_ids`, when the request asked for logprobs
     logprobs: list[TokenLogprob] | None = None
     delta_logprobs: list[TokenLogprob] | None = None
+    # SamplingParams.prompt_logprobs: one per prompt token (the first None), in every output
+    # from the first token on
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -52,6 +55,7 @@ class _RequestState:
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class OutputProcessor:
@@ -77,6 +81,8 @@ class OutputProcessor:
         now = time.monotonic()
         if update.new_token_ids and st.first_token_time is None:
             st.first_token_time = now
+        if update.prompt_logprobs is not None:
+            st.prompt_logprobs = update.prompt_logprobs
         if update.num_draft_tokens:
             st.num_spec_rounds += 1
             st.num_draft_tokens += update.num_draft_tokens
@@ -118,6 +124,7 @@ class OutputProcessor:
             num_spec_rounds=st.num_spec_rounds, num_draft_tokens=st.num_draft_tokens,
             num_accepted_tokens=st.num_accepted_tokens,
             logprobs=None if st.logprobs is None else list(st.logprobs), delta_logprobs=delta_logprobs,
+            prompt_logprobs=st.prompt_logprobs,
         )
         if finished:
             del self._states[st.req_id]

@@ -76,6 +76,9 @@ class ModelRunnerOutput:
     sampled_token_ids: list[list[int]]
     # per request, one entry per sampled token (None: the request asked for no logprobs)
     logprobs: list[list[TokenLogprob] | None] | None = None
+    # per request asking for prompt logprobs whose chunk covered prompt tokens: (index of the
+    # first prompt token scored, one entry per scored token)
+    prompt_logprobs: list[tuple[int, list[TokenLogprob]] | None] | None = None
     draft_token_ids: list[list[int]] | None = None
     draft_confidences: list[list[float] | None] | None = None
     forward_seconds: float = 0.0  # target forward and (rejection) sampling
@@ -96,3 +99,5 @@ class RequestUpdate:
     num_draft_tokens: int = 0  # verified this step
     num_accepted_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked
+    # with the first new token of a request that asked: one per prompt token (the first None)
+    prompt_logprobs: list[TokenLogprob | None] | None = None

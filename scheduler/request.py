@@ -4,6 +4,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from scheduler.outputs import TokenLogprob
 from scheduler.sampling_params import SamplingParams
 
 
@@ -49,9 +50,13 @@ class Request:
     num_accepted_tokens: int = 0
     # n > 1: the request whose prompt KV this one shares (the first choice of the same prompt)
     prompt_parent: str | None = None
+    # params.prompt_logprobs: one entry per prompt token, filled as prefill chunks run (the
+    # first token has none); handed out with the first output token.
+    prompt_logprobs: list[TokenLogprob | None] | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_ids)
+        self.prompt_logprobs = None if self.params.prompt_logprobs is None else [None] * len(self.prompt_ids)
 
     @property
     def num_prompt_tokens(self) -> int:

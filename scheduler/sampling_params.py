@@ -32,6 +32,10 @@ class SamplingParams:
     min_p: float = 0.0
     # None: no log-probabilities; k >= 0: the chosen token's plus the k most likely alternatives
     logprobs: int | None = None
+    # None: none; k >= 0: each prompt token's log-probability under the raw logits (no bias,
+    # penalties or temperature: the model's own scoring of the text, as vLLM's), plus k
+    # alternatives. The first prompt token has none.
+    prompt_logprobs: int | None = None
     speculative: bool = True  # False: this request is never drafted for (plain decoding)
 
     def __post_init__(self) -> None:
@@ -86,6 +90,10 @@ class SamplingParams:
                                           or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
             raise InvalidRequest(f"the number of top logprobs must be in [0, {MAX_TOP_LOGPROBS}], "
                                  f"got {self.logprobs!r}", "top_logprobs")
+        if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs)
+                                                 or not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS):
+            raise InvalidRequest(f"the number of top prompt logprobs must be in [0, {MAX_TOP_LOGPROBS}], "
+                                 f"got {self.prompt_logprobs!r}", "prompt_logprobs")
         if not isinstance(self.speculative, bool):
             raise InvalidRequest("speculative must be a boolean", "speculative")
 

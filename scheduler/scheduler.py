@@ -169,6 +169,10 @@ class Scheduler:
             req = self.requests.get(req_id)
             if req is None or req.status != RequestStatus.RUNNING:
                 continue  # aborted while the step ran
+            scored = runner_out.prompt_logprobs[idx] if runner_out.prompt_logprobs else None
+            if scored is not None and req.prompt_logprobs is not None:
+                first, values = scored  # a recomputed chunk rewrites the same values
+                req.prompt_logprobs[first:first + len(values)] = values
             if sched.fork_req_ids and sched.sample:
                 self._fork_parked(req)  # its prompt is now in the KV: the other choices share it
             # Drafts past the first rejection left garbage KV: roll it back by length.
@@ -196,9 +200,11 @@ class Scheduler:
                                          if runner_out.draft_confidences else None)
             if new_ids or status is not None:
                 logprobs = runner_out.logprobs[idx] if runner_out.logprobs else None
+                first_output = req.num_output_tokens == len(new_ids)
                 updates.append(RequestUpdate(req_id, new_ids, status.finish_reason if status else None,
                                              req.num_prompt_tokens, sched.num_draft_tokens, num_accepted,
-                                             None if logprobs is None else logprobs[:len(new_ids)]))
+                                             None if logprobs is None else logprobs[:len(new_ids)],
+                                             req.prompt_logprobs if first_output else None))
         return updates
 
     # ---- helpers ----------------------------------------------------------------------
@@ -248,6 +254,8 @@ class Scheduler:
         for child in children:
             self.block_manager.fork(parent, child, self.fork_num_tokens(child))
             child.num_computed_tokens = len(child.block_table) * self.block_manager.block_size
+            if child.prompt_logprobs is not None and parent.prompt_logprobs is not None:
+                child.prompt_logprobs = list(parent.prompt_logprobs)  # the shared prefix is not rerun
         self.waiting.extendleft(reversed(children))  # ahead of younger requests
 
     def _release_parked(self, parent: Request) -> None:

@@ -95,13 +95,25 @@ def chat_logprobs(plan: Plan, logprobs: list[TokenLogprob] | None) -> ChatLogpro
     return ChatLogprobs(content=content)
 
 
-def completion_logprobs(plan: Plan, logprobs: list[TokenLogprob] | None,
-                        text_offset: int) -> CompletionLogprobs | None:
+def completion_logprobs(plan: Plan, logprobs: list[TokenLogprob] | None, text_offset: int,
+                        out: RequestOutput | None = None) -> CompletionLogprobs | None:
     """OpenAI's legacy completions shape; `text_offset` is where the first token's text starts
-    (each token's offset adds the lengths of the token texts before it)."""
+    (each token's offset adds the lengths of the token texts before it). With `out`, an echoed
+    prompt's tokens come first (the very first has no logprob: nothing predicts it)."""
     if logprobs is None:
         return None
-    tokens, values, tops, offsets = [], [], [], []
+    tokens: list[str] = []
+    values: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
+    offsets: list[int] = []
+    if out is not None and out.prompt_logprobs is not None:
+        for token_id, lp in zip(out.prompt_token_ids, out.prompt_logprobs):
+            text = _token(plan, token_id)[0]
+            tokens.append(text)
+            values.append(None if lp is None else lp.logprob)
+            tops.append(None if lp is None else {_token(plan, t)[0]: v for t, v in lp.top})
+            offsets.append(text_offset)
+            text_offset += len(text)
     for lp in logprobs:
         text = _token(plan, lp.token_id)[0]
         tokens.append(text)
@@ -162,15 +174,20 @@ class CompletionFormat:
                                   choices=choices, usage=usage)
 
     def opening(self, plan: Plan, index: int) -> BaseModel | None:
-        return self._chunk(plan, [CompletionChoice(index=index, text=plan.echo)]) if plan.echo else None
+        if not plan.echo or plan.params.prompt_logprobs is not None:
+            return None  # scored prompts are echoed with their logprobs, in the first delta
+        return self._chunk(plan, [CompletionChoice(index=index, text=plan.echo)])
 
     def delta(self, plan: Plan, out: RequestOutput, index: int) -> BaseModel:
-        # offsets count from the start of the choice's text (echoed prompt included)
-        offset = plan.logprob_offsets.get(index, 0)
-        logprobs = completion_logprobs(plan, out.delta_logprobs, len(plan.echo) + offset)
+        # offsets count from the start of the choice's text (echoed prompt included); a scored
+        # prompt is echoed with its tokens' logprobs in the choice's first delta
+        echo_scored = plan.params.prompt_logprobs is not None and index not in plan.logprob_offsets
+        start = 0 if echo_scored else plan.logprob_offsets.get(index, len(plan.echo))
+        logprobs = completion_logprobs(plan, out.delta_logprobs, start, out if echo_scored else None)
         if logprobs is not None:
-            plan.logprob_offsets[index] = offset + sum(map(len, logprobs.tokens))
-        return self._chunk(plan, [CompletionChoice(index=index, text=out.delta_text, logprobs=logprobs)])
+            plan.logprob_offsets[index] = start + sum(map(len, logprobs.tokens))
+        text = plan.echo + out.delta_text if echo_scored else out.delta_text
+        return self._chunk(plan, [CompletionChoice(index=index, text=text, logprobs=logprobs)])
 
     def finish(self, plan: Plan, finish_reason: str | None, index: int) -> BaseModel:
         return self._chunk(plan, [CompletionChoice(index=index, text="", finish_reason=finish_reason)])
@@ -179,7 +196,9 @@ class CompletionFormat:
         return self._chunk(plan, [], usage)
 
     def complete(self, plan: Plan, outs: list[RequestOutput]) -> BaseModel:
+        scored = plan.params.prompt_logprobs is not None
         choices = [CompletionChoice(index=i, text=plan.echo + out.text, finish_reason=out.finish_reason,
-                                    logprobs=completion_logprobs(plan, out.logprobs, len(plan.echo)))
+                                    logprobs=completion_logprobs(plan, out.logprobs, 0 if scored else len(plan.echo),
+                                                                 out if scored else None))
                    for i, out in enumerate(outs)]
         return self._chunk(plan, choices, usage_of(outs))

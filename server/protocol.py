@@ -144,8 +144,6 @@ class CompletionRequest(GenerationRequest):
             refused["best_of"] = "best_of is not supported (n choices are returned, none discarded)"
         if self.suffix:
             refused["suffix"] = "suffix (insertion) is not supported"
-        if self.echo and self.logprobs is not None:
-            refused["echo"] = "echo together with logprobs (prompt logprobs) is not supported yet"
         return refused
 
 
@@ -207,8 +205,8 @@ class ChatLogprobs(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]  # None: the first prompt token, when echoed
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 

@@ -7,7 +7,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -123,6 +123,8 @@ async def plan_completion(body: CompletionRequest, ctx: ServingContext) -> Plan:
     plan = _plan(body, ctx, f"cmpl-{uuid.uuid4().hex}", prompt_ids, "prompt", body.logprobs)
     if body.echo:
         plan.echo = prompt if isinstance(prompt, str) else tokenizer.decode(prompt_ids)
+        if body.logprobs is not None:  # the echoed prompt's tokens are scored too
+            plan.params = replace(plan.params, prompt_logprobs=body.logprobs)
     return plan
 
 

@@ -33,6 +33,7 @@ class EvalConfig:
     batch_size: int = 16
     seed: int = 0
     out: str = "eval.json"
+    seeded: bool = False  # request seeds seed + j: the race coupling of engine/sampler.py
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -59,8 +60,10 @@ def evaluate(cfg: EvalConfig) -> dict:
         name = Path(file).stem
         for turns in read_prompts(file)[:cfg.max_prompts]:
             jobs.append((name, llm.encode_chat([{"role": "user", "content": turns[0]}])))
-    params = SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                            top_p=1.0, seed=None)
+    def params(j: int) -> SamplingParams:
+        return SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=1.0,
+                              seed=cfg.seed + j if cfg.seeded else None)
+
     # Finished prompts go to a partial file as they finish, so an interrupted run resumes
     # with the others; it is removed once the result is written.
     partial = Path(cfg.out).with_suffix(".partial.jsonl")
@@ -75,7 +78,7 @@ def evaluate(cfg: EvalConfig) -> dict:
             while pending or eng.has_unfinished():
                 while pending and len(eng.scheduler.running) + len(eng.scheduler.waiting) < cfg.batch_size:
                     j = pending.pop(0)
-                    job_of[eng.add_request(jobs[j][1], params)] = j
+                    job_of[eng.add_request(jobs[j][1], params(j))] = j
                 for out in eng.step():
                     if out.finished:
                         j = job_of.pop(out.req_id)
@@ -93,7 +96,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         name = jobs[j][0]
         rounds.setdefault(name, []).extend(tuple(r) for r in rec["rounds"])
         num_tokens[name] = num_tokens.get(name, 0) + rec["num_tokens"]
-    result = {"draft": cfg.draft, "num_draft_tokens": gamma, "temperature": cfg.temperature,
+    result = {"draft": cfg.draft, "num_draft_tokens": gamma, "temperature": cfg.temperature, "seeded": cfg.seeded,
               "max_prompts": cfg.max_prompts, "max_new_tokens": cfg.max_new_tokens,
               "model": eng.model_name, "dtype": eng.config.dtype, "datasets": {}}
     for name in dict.fromkeys(j[0] for j in jobs):

@@ -326,3 +326,31 @@ def test_eagle3_draft_vocabulary_renormalises_its_distribution(llm):
     assert p_voc.draft_probs.sum() == pytest.approx(4.0, rel=1e-4)  # rows sum to one over the vocabulary
     greedy = restricted.make_drafter(4).propose([DraftInput("r", seq, a, feats[:a], temperature=0.0)])[0]
     assert greedy.draft_token_ids[0] == int(ids[row.argmax()])
+
+
+@pytest.mark.parametrize("with_vocab", [False, True])
+def test_seeded_draws_share_the_targets_race(with_vocab):
+    """A seeded request's drafts are the race winners of its output positions: a drafter whose
+    distribution equals the target's has every draft accepted; greedy rows take the argmax."""
+    from draft.dspark import DraftSampling
+    from engine.sampler import Sampler
+
+    vocab, gamma = 40, 5
+    gen = torch.Generator().manual_seed(0)
+    vocab_ids = torch.randperm(vocab, generator=gen)[:25] if with_vocab else None
+    cols = vocab_ids.numel() if with_vocab else vocab
+    inputs = [DraftInput("a", [1, 2], 1, temperature=0.8, seed=11, num_output_tokens=3),
+              DraftInput("b", [1, 2], 1, temperature=0.8),
+              DraftInput("c", [1, 2], 1, temperature=0.0, seed=5, num_output_tokens=0)]
+    sampling = DraftSampling(inputs, vocab_ids, vocab, gen, torch.device("cpu"))
+    logits = 3.0 * torch.randn(gamma, len(inputs), cols, generator=gen)
+    for k in range(gamma):
+        sampling.draw(logits[k])
+    proposals = sampling.proposals([torch.ones(len(inputs))] * gamma)
+    seeded = proposals[0]
+    emitted = Sampler._verify_seeded(seeded.draft_probs, 11, 3, seeded.draft_token_ids[:-1])
+    assert emitted == seeded.draft_token_ids  # all accepted, then the same winner as the bonus
+    other = Sampler._verify_seeded(seeded.draft_probs, 12, 3, seeded.draft_token_ids[:-1])
+    assert other != seeded.draft_token_ids  # the race really is keyed on the seed
+    greedy = logits[:, 2].argmax(-1)
+    assert proposals[2].draft_token_ids == (greedy if vocab_ids is None else vocab_ids[greedy]).tolist()

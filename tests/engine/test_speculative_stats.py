@@ -3,6 +3,7 @@ peaked draft distributions, so the residual path runs constantly) the first gene
 are distributed exactly as plain sampling; and the test notices a biased verifier."""
 
 import collections
+import dataclasses
 
 import pytest
 import torch
@@ -124,3 +125,38 @@ def test_biased_verifier_is_detected(tiny_vocab_dir):
     plain = first_tokens(tiny_vocab_dir, params, None, seed=1)
     biased = first_tokens(tiny_vocab_dir, params, RandomDrafter(3, seed=2), NoResidualSampler, seed=3)
     assert same_distribution_p(plain, biased) < 0.001
+
+
+def seeded_outputs(path, params: list[SamplingParams], drafter: Drafter | None) -> tuple[list[list[int]], int]:
+    """Token ids of seeded requests in order, and how many drafts were accepted."""
+    llm = LLM(model=str(path), device="cpu", dtype="float32", drafter=drafter, seed=0,
+              max_num_seqs=512, max_num_batched_tokens=4096, num_blocks=4096, block_size=4)
+    eng = llm.engine
+    ids = {eng.add_request(PROMPT, p): i for i, p in enumerate(params)}
+    out: list[list[int]] = [[] for _ in params]
+    accepted = 0
+    while eng.has_unfinished():
+        for o in eng.step():
+            if o.finished:
+                out[ids[o.req_id]] = o.token_ids
+                accepted += o.num_accepted_tokens
+    return out, accepted
+
+
+def test_seeded_race_samples_the_target_distribution(tiny_vocab_dir):
+    """Seeded tokens are exponential-race winners: distributed as unseeded plain sampling."""
+    base = VARIANTS["penalties"]
+    seeded, _ = seeded_outputs(tiny_vocab_dir, [dataclasses.replace(base, seed=s) for s in range(NUM_SAMPLES // 4)], None)
+    plain = first_tokens(tiny_vocab_dir, base, None, seed=1)
+    assert same_distribution_p(plain, collections.Counter(tuple(t[:3]) for t in seeded)) > 0.001
+
+
+@pytest.mark.parametrize("variant", ["temperature", "penalties"])
+def test_seeded_output_does_not_depend_on_the_drafts(tiny_vocab_dir, variant):
+    """A seeded request emits plain seeded decoding's tokens whatever a drafter proposes and
+    however many drafts each step verifies (the race coupling); drafts are still accepted."""
+    params = [dataclasses.replace(VARIANTS[variant], seed=s, max_tokens=8) for s in range(300)]
+    plain, _ = seeded_outputs(tiny_vocab_dir, params, None)
+    for gamma in (1, 3):
+        spec, accepted = seeded_outputs(tiny_vocab_dir, params, RandomDrafter(gamma, seed=gamma))
+        assert spec == plain and accepted > 100

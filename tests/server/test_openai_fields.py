@@ -113,8 +113,13 @@ def test_effects_of_honoured_fields(tiny_client):
     assert all(t["logprob"] == pytest.approx(0.0, abs=1e-3) for t in content)
     assert tiny_client.post(chat, json={**CHAT, "max_completion_tokens": 3, "max_tokens": 9}
                             ).json()["usage"]["completion_tokens"] == 3
-    whole = tiny_client.post("/v1/completions", json={**COMPLETION, "echo": True, "logprobs": 2}).status_code
-    assert whole == 400  # echo with logprobs needs prompt logprobs (refused, see REFUSED)
+    scored = tiny_client.post("/v1/completions", json={**COMPLETION, "echo": True, "logprobs": 2}).json()
+    lp = scored["choices"][0]["logprobs"]
+    prompt_len = scored["usage"]["prompt_tokens"]
+    assert len(lp["tokens"]) == prompt_len + 4  # the echoed prompt's tokens, then the output's
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert all(v is not None for v in lp["token_logprobs"][1:])
+    assert scored["choices"][0]["text"].startswith("hello")
     echoed = tiny_client.post("/v1/completions", json={**COMPLETION, "echo": True}).json()
     assert echoed["choices"][0]["text"].startswith("hello")
     lp = tiny_client.post("/v1/completions", json={**COMPLETION, "logprobs": 2}).json()["choices"][0]["logprobs"]

@@ -118,12 +118,51 @@ def test_completion_logprobs_and_echo(oai, default_llm):
     assert echoed.choices[0].text == prompt + r.choices[0].text
 
 
+@pytest.mark.parametrize("speculative", [True, False])
+def test_echo_with_logprobs_scores_the_prompt(oai, default_llm, speculative):
+    """echo + logprobs: the prompt's tokens come first, each with the raw log-softmax of the
+    logits before it (the first has none), then the output's; streamed equals whole."""
+    prompt = "The capital of France is"
+    kwargs = dict(model=MODEL, prompt=prompt, max_tokens=5, temperature=0, logprobs=2, echo=True,
+                  extra_body={"speculative": speculative})
+    ids = default_llm.tokenizer.encode(prompt, add_special_tokens=True)
+    out = default_llm.generate(ids, SamplingParams(max_tokens=5, temperature=0.0))[0].token_ids
+    logp = default_llm.prompt_logits(ids + out).log_softmax(-1)
+    expected = [None] + [logp[k - 1, t].item() for k, t in enumerate(ids + out) if k > 0]
+    whole = oai.completions.create(**kwargs).choices[0]
+    lp = whole.logprobs
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx(expected[1:], abs=1e-4)
+    assert all(max(top.values()) >= v - 1e-6 for top, v in zip(lp.top_logprobs[1:], lp.token_logprobs[1:]))
+    assert "".join(lp.tokens) == whole.text and whole.text.startswith(prompt)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:k]) for k in range(len(lp.tokens))]
+    chunks = list(oai.completions.create(stream=True, **kwargs))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.token_logprobs]
+    offsets = [o for c in chunks if c.choices and c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.text
+    assert streamed == lp.token_logprobs and offsets == lp.text_offset
+
+
 def test_n_choices_equal_single_requests_with_derived_seeds(oai):
-    # Without speculation: with it, a seeded sample path also depends on the drafts, whose own
-    # sampling is not keyed on the request's seed (the distribution is exact, the path is not).
-    kwargs = {"model": MODEL, "messages": MESSAGES, "max_tokens": 24, "temperature": 0.8,
-                  "extra_body": {"speculative": False}}
-    three = oai.chat.completions.create(n=3, seed=7, **kwargs)
-    singles = [oai.chat.completions.create(seed=7 + i, **kwargs).choices[0].message.content for i in range(3)]
-    assert [c.message.content for c in three.choices] == singles
-    assert len(set(singles)) > 1
+    """Seeded sampling couples the drafter's draws to the target's (engine/sampler.py), so the
+    tokens are the same with speculation on and off, alone or as choices of one request."""
+    kwargs = {"model": MODEL, "messages": MESSAGES, "max_tokens": 24, "temperature": 0.8}
+    texts = {}
+    for spec in (True, False):
+        body = {"extra_body": {"speculative": spec}}
+        three = oai.chat.completions.create(n=3, seed=7, **kwargs, **body)
+        singles = [oai.chat.completions.create(seed=7 + i, **kwargs, **body) for i in range(3)]
+        texts[spec] = [c.message.content for c in three.choices]
+        assert texts[spec] == [r.choices[0].message.content for r in singles]
+        assert [c.index for c in three.choices] == [0, 1, 2]
+        streamed = list(oai.chat.completions.create(n=3, seed=7, stream=True, **kwargs, **body))
+        parts = ["", "", ""]
+        for chunk in streamed:
+            for c in chunk.choices:
+                parts[c.index] += c.delta.content or ""
+        assert parts == texts[spec]
+        if spec:
+            usage = three.usage.model_extra["speculative_decoding"]
+            assert usage["rounds"] > 0 and usage["accepted_tokens"] > 0
+    assert texts[True] == texts[False]
+    assert len(set(texts[True])) > 1
