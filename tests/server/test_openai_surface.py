@@ -68,11 +68,17 @@ def test_logprobs_equal_with_and_without_speculation_and_the_targets_log_softmax
             assert spec_usage is None  # switched off for this request: no drafts at all
 
 
-def test_logit_bias_forces_a_token(oai, default_llm):
+@pytest.mark.parametrize("speculative,stream", [(True, False), (False, False), (True, True)])
+def test_logit_bias_forces_a_token(oai, default_llm, speculative, stream):
     token_id = default_llm.tokenizer.encode(" ocean")[0]
-    r = oai.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0,
-                                    logit_bias={str(token_id): 100})
-    assert r.choices[0].message.content == " ocean" * 6
+    kwargs = dict(model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0, logit_bias={str(token_id): 100},
+                  extra_body={"speculative": speculative})
+    if stream:
+        chunks = oai.chat.completions.create(stream=True, **kwargs)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    else:
+        text = oai.chat.completions.create(**kwargs).choices[0].message.content
+    assert text == " ocean" * 6
 
 
 def _repeat_rate(oai, **fields) -> float:
@@ -83,8 +89,10 @@ def _repeat_rate(oai, **fields) -> float:
     return sum(t in tokens[:i] for i, t in enumerate(tokens)) / len(tokens)
 
 
-def test_frequency_penalty_lowers_repetition(oai):
-    plain, penalised = _repeat_rate(oai), _repeat_rate(oai, frequency_penalty=2.0)
+@pytest.mark.parametrize("speculative", [True, False])
+def test_frequency_penalty_lowers_repetition(oai, speculative):
+    body = {"extra_body": {"speculative": speculative}}
+    plain, penalised = _repeat_rate(oai, **body), _repeat_rate(oai, frequency_penalty=2.0, **body)
     assert plain > 0.8  # the prompt makes greedy decoding loop
     assert penalised < plain - 0.3, (plain, penalised)
 
