@@ -4,6 +4,7 @@ are distributed exactly as plain sampling; and the test notices a biased verifie
 
 import collections
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -96,10 +97,16 @@ VARIANTS = {
 }
 
 
+@functools.cache
+def plain_counts(path, variant: str) -> collections.Counter:
+    """Plain sampling's counts, shared by the tests that compare against them (read-only)."""
+    return first_tokens(path, VARIANTS[variant], None, seed=1)
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_speculative_matches_plain_sampling(tiny_vocab_dir, variant):
     params = VARIANTS[variant]
-    plain = first_tokens(tiny_vocab_dir, params, None, seed=1)
+    plain = plain_counts(tiny_vocab_dir, variant)
     spec = first_tokens(tiny_vocab_dir, params, RandomDrafter(3, seed=2), seed=3)
     assert sum(plain.values()) == sum(spec.values()) == NUM_SAMPLES
     assert len(plain) > 20  # the joint of 3 tokens is spread over many cells
@@ -112,7 +119,7 @@ def test_penalties_that_ignore_the_drafts_are_detected(tiny_vocab_dir, monkeypat
     from engine import logits_processor
 
     params = VARIANTS["penalties"]
-    plain = first_tokens(tiny_vocab_dir, params, None, seed=1)
+    plain = plain_counts(tiny_vocab_dir, "penalties")
     counts = logits_processor.output_counts
     monkeypatch.setattr(logits_processor, "output_counts",
                         lambda out, drafts, vocab, device: counts(out, [], vocab, device).expand(len(drafts) + 1, vocab))
@@ -122,7 +129,7 @@ def test_penalties_that_ignore_the_drafts_are_detected(tiny_vocab_dir, monkeypat
 
 def test_biased_verifier_is_detected(tiny_vocab_dir):
     params = VARIANTS["temperature"]
-    plain = first_tokens(tiny_vocab_dir, params, None, seed=1)
+    plain = plain_counts(tiny_vocab_dir, "temperature")
     biased = first_tokens(tiny_vocab_dir, params, RandomDrafter(3, seed=2), NoResidualSampler, seed=3)
     assert same_distribution_p(plain, biased) < 0.001
 
@@ -146,8 +153,8 @@ def seeded_outputs(path, params: list[SamplingParams], drafter: Drafter | None) 
 def test_seeded_race_samples_the_target_distribution(tiny_vocab_dir):
     """Seeded tokens are exponential-race winners: distributed as unseeded plain sampling."""
     base = VARIANTS["penalties"]
-    seeded, _ = seeded_outputs(tiny_vocab_dir, [dataclasses.replace(base, seed=s) for s in range(NUM_SAMPLES // 4)], None)
-    plain = first_tokens(tiny_vocab_dir, base, None, seed=1)
+    seeded, _ = seeded_outputs(tiny_vocab_dir, [dataclasses.replace(base, seed=s) for s in range(NUM_SAMPLES // 8)], None)
+    plain = plain_counts(tiny_vocab_dir, "penalties")
     assert same_distribution_p(plain, collections.Counter(tuple(t[:3]) for t in seeded)) > 0.001
 
 
