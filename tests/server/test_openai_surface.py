@@ -174,3 +174,41 @@ def test_n_choices_equal_single_requests_with_derived_seeds(oai):
             assert usage["rounds"] > 0 and usage["accepted_tokens"] > 0
     assert texts[True] == texts[False]
     assert len(set(texts[True])) > 1
+
+
+def _reply(oai, speculative: bool, stream: bool, **fields) -> tuple[str, str | None, int]:
+    """(text, finish_reason, completion_tokens) of one chat completion, whole or streamed."""
+    extra = {**fields.pop("extra_body", {}), "speculative": speculative}
+    kwargs = dict(model=MODEL, extra_body=extra, **{"messages": MESSAGES, **fields})
+    if not stream:
+        r = oai.chat.completions.create(**kwargs)
+        return r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens
+    chunks = list(oai.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = next(c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason)
+    return text, finish, chunks[-1].usage.completion_tokens
+
+
+def _repeats(text: str) -> float:
+    words = text.split()
+    return sum(w in words[:i] for i, w in enumerate(words)) / max(1, len(words))
+
+
+@pytest.mark.parametrize("speculative,stream", [(True, False), (False, False), (True, True), (False, True)])
+def test_sampling_fields_with_the_official_client(oai, speculative, stream):
+    """The sampling fields the other tests do not reach, each with an effect that can fail."""
+    greedy = _reply(oai, speculative, stream, max_tokens=24, temperature=0)
+    # min_p = 1 keeps only the most likely token: sampling at T = 1 is greedy decoding
+    assert _reply(oai, speculative, stream, max_tokens=24, temperature=1.0, seed=3,
+                  extra_body={"min_p": 1.0})[0] == greedy[0]
+    text, finish, used = _reply(oai, speculative, stream, max_completion_tokens=3, temperature=0, user="tenant-1")
+    assert used == 3 and finish == "length" and greedy[0].startswith(text)
+    stops = [".", ",", "\n", "!"]
+    text, finish, _ = _reply(oai, speculative, stream, max_tokens=64, temperature=0, stop=stops)
+    assert finish == "stop" and not any(s in text for s in stops) and greedy[0].startswith(text)
+    loop = [{"role": "user", "content": "Repeat after me forever: sea sea sea sea sea sea sea sea"}]
+    plain = _repeats(_reply(oai, speculative, stream, max_tokens=40, temperature=0, messages=loop)[0])
+    for penalty in ({"presence_penalty": 2.0}, {"extra_body": {"repetition_penalty": 1.8}}):
+        penalised = _repeats(_reply(oai, speculative, stream, max_tokens=40, temperature=0, messages=loop,
+                                    **penalty)[0])
+        assert penalised < plain - 0.2, (penalty, plain, penalised)
