@@ -164,6 +164,11 @@ class Tokenizer:
                 self._template_error = f"the model's chat template does not compile: {e}"
                 logger.warning("%s", self._template_error)
 
+    @property
+    def backend(self) -> HFTokenizer:
+        """The `tokenizers.Tokenizer` itself, for libraries built on it (grammar engines)."""
+        return self._inner
+
     @classmethod
     def from_gguf(cls, reader: gguf.GGUFReader) -> Tokenizer:
         """Build the tokenizer described by a GGUF file's `tokenizer.*` metadata."""

@@ -21,7 +21,7 @@ from server import envs
 _EXPLICIT = {"model", "device", "dtype", "cache", "scheduler", "speculative"}
 BENCHMARKS = {"serve": "bench.serve", "engine": "bench.engine", "spec": "bench.spec",
               "compare": "bench.compare", "kernels": "bench.kernels",
-              "peers": "bench.peers"}
+              "peers": "bench.peers", "grammar": "bench.grammar"}
 
 
 def _scalar_type(tp: Any) -> type | None:
