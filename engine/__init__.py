@@ -12,10 +12,11 @@ from scheduler import (
                        ModelLoadError,
                        SamplingParams,
                        SchedulerConfig,
+                       StructuredOutput,
 )
 
 __all__ = [
     "LLM", "CacheConfig", "CapacityExceeded", "DSparkError", "EngineConfig", "EngineDead",
     "GenerationResult", "InvalidRequest", "LLMEngine", "ModelArchConfig", "ModelLoadError",
-    "RequestOutput", "SamplingParams", "SchedulerConfig",
+    "RequestOutput", "SamplingParams", "SchedulerConfig", "StructuredOutput",
 ]

@@ -12,6 +12,7 @@ import torch
 from draft import Drafter, TargetHandle, make_drafter
 from engine.attention import FlashAttention, make_backend
 from engine.config import EngineConfig
+from engine.grammar import GrammarCompiler, GrammarMasks
 from engine.host_memory import tune_host_malloc
 from engine.kv_cache import PagedKVCache
 from engine.loader import build_model, load_checkpoint
@@ -108,6 +109,12 @@ class LLMEngine:
                     self.device, config.dtype, self.model.quantization, time.perf_counter() - t0, self.backend.name, num_blocks,
                     block_size, self.max_model_len)
 
+    def grammar_compiler(self) -> GrammarCompiler:
+        """Built on first use (~1 s): a server that never sees a structured output never pays."""
+        if self.runner.grammar is None:
+            self.runner.grammar = GrammarMasks(GrammarCompiler(self.tokenizer, self.arch.vocab_size))
+        return self.runner.grammar.compiler
+
     def _target_handle(self) -> TargetHandle:
         m = self.model
         return TargetHandle(m.embed_tokens, m.norm, m.lm_head, self.arch.hidden_size,
@@ -138,6 +145,8 @@ class LLMEngine:
         req_id = req_id if req_id is not None else f"req-{next(self._ids)}"
         self.validate_lengths(len(prompt_ids), params)
         self.validate_token_ids(params)
+        if params.structured is not None:
+            self.grammar_compiler().check(params.structured)
         req = Request(req_id, prompt_ids, params, eos_token_ids=self.tokenizer.eos_token_ids,
                       max_model_len=self.max_model_len, prompt_parent=prompt_parent)
         if arrival_time is not None:

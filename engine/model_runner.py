@@ -8,6 +8,7 @@ import torch
 from draft import Drafter, DraftInput
 from engine.attention import AttentionBackend
 from engine.flat_batch import FlatBatch
+from engine.grammar import GrammarMasks, MaskedRequest
 from engine.kv_cache import PagedKVCache
 from engine.logits_processor import RowContext
 from engine.model import AttentionContext, CausalLM
@@ -38,6 +39,8 @@ class ModelRunner:
         # Draft distributions of the latest proposal per request (physical state: the
         # scheduler sees only token ids and confidences).
         self._draft_probs: dict[str, torch.Tensor | None] = {}
+        # structured outputs' matchers; set by the engine with the first constrained request
+        self.grammar: GrammarMasks | None = None
 
     @torch.inference_mode()
     def execute(self, sched_out: SchedulerOutput) -> ModelRunnerOutput:
@@ -57,8 +60,15 @@ class ModelRunner:
             drafts = [s.token_ids[len(s.token_ids) - s.num_draft_tokens:] for s in reqs]
             draft_probs = [self._draft_probs_for(s) for s in reqs]
             contexts = [_row_context(s, d) for s, d in zip(reqs, drafts)]
+            allowed = self._grammar_masks(reqs, drafts, logits.shape[0])
             verified = self.sampler.verify(logits, [s.params for s in reqs],
-                                           [s.num_output_tokens for s in reqs], drafts, draft_probs, contexts)
+                                           [s.num_output_tokens for s in reqs], drafts, draft_probs, contexts,
+                                           allowed)
+            if allowed is not None:
+                assert self.grammar is not None
+                for s, new in zip(reqs, verified.token_ids):
+                    if s.params.structured is not None:
+                        self.grammar.commit(s.req_id, new)
             for r, new, lp in zip(batch.sampled_req_indices, verified.token_ids, verified.logprobs):
                 sampled[r] = new
                 logprobs[r] = lp
@@ -72,6 +82,20 @@ class ModelRunner:
             passed = self.drafter.last_pass_seconds
             out.draft_pass_seconds = out.draft_seconds if passed is None else passed
         return out
+
+    def _grammar_masks(self, reqs: list[ScheduledRequest], drafts: list[list[int]], num_rows: int
+                       ) -> torch.Tensor | None:
+        """Allowed tokens per logits row when a sampled request has a structured output."""
+        constrained: list[MaskedRequest] = []
+        row = 0
+        for s, d in zip(reqs, drafts):
+            if s.params.structured is not None:
+                constrained.append(MaskedRequest(s.req_id, s.params.structured, row, d))
+            row += len(d) + 1
+        if not constrained:
+            return None
+        assert self.grammar is not None, "the engine sets the grammar up when it admits such a request"
+        return self.grammar.masks(constrained, num_rows)
 
     def _prompt_logprobs(self, sched_out: SchedulerOutput, batch: FlatBatch, hidden: torch.Tensor
                          ) -> list[tuple[int, list[TokenLogprob]] | None] | None:
@@ -143,6 +167,8 @@ class ModelRunner:
 
     def _forget(self, req_id: str) -> None:
         self._draft_probs.pop(req_id, None)
+        if self.grammar is not None:
+            self.grammar.free(req_id)
         if self.drafter is not None:
             self.drafter.free(req_id)
 

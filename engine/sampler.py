@@ -145,7 +145,9 @@ def token_logprobs(logits: torch.Tensor, params: list[SamplingParams], draft_ids
             chosen = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
             if p.logprobs:
                 top_values, top_ids = logp.topk(p.logprobs, dim=-1)
-                tops = [tuple(zip(i, v)) for i, v in zip(top_ids.tolist(), top_values.tolist())]
+                # a grammar may leave fewer tokens than asked for: masked ones are not alternatives
+                tops = [tuple((t, v) for t, v in zip(i, vs) if v != float("-inf"))
+                        for i, vs in zip(top_ids.tolist(), top_values.tolist())]
             else:
                 tops = [()] * len(tokens)
             out.append([TokenLogprob(t, lp, top) for t, lp, top in zip(tokens, chosen, tops)])
@@ -179,11 +181,14 @@ class Sampler:
 
     def verify(self, logits: torch.Tensor, params: list[SamplingParams], positions: list[int],
                draft_ids: list[list[int]], draft_probs: list[torch.Tensor | None],
-               contexts: list[RowContext] | None = None) -> Verified:
+               contexts: list[RowContext] | None = None, allowed: torch.Tensor | None = None) -> Verified:
         """logits [Σ(1 + ℓ_i), V] -> per request the accepted drafts plus one new token.
 
-        `contexts` (the requests' tokens) are needed when any request has bias or penalties.
+        `contexts` (the requests' tokens) are needed when any request has bias or penalties;
+        `allowed` [Σ(1 + ℓ_i), V] (bool): the grammar masks of structured outputs, per row.
         """
+        if allowed is not None:
+            logits = logits.float().masked_fill(~allowed, float("-inf"))
         if contexts is not None:
             logits = process_logits(logits.float(), contexts)
         elif any(p.processes_logits for p in params):

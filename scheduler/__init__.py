@@ -16,7 +16,7 @@ from scheduler.outputs import (
     TokenLogprob,
 )
 from scheduler.request import Request, RequestStatus
-from scheduler.sampling_params import SamplingParams
+from scheduler.sampling_params import SamplingParams, StructuredOutput
 from scheduler.scheduler import Scheduler, SchedulerConfig
 from scheduler.verify_planner import plan_verify_lengths
 
@@ -24,6 +24,6 @@ __all__ = [
     "BlockManager", "CapacityExceeded", "DSparkError", "EngineDead", "InvalidRequest",
     "ModelLoadError", "ModelRunnerOutput", "Request", "RequestStatus", "RequestUpdate",
     "SamplingParams", "ScheduledRequest", "Scheduler", "SchedulerConfig", "SchedulerOutput",
-    "TokenLogprob",
+    "StructuredOutput", "TokenLogprob",
     "plan_verify_lengths",
 ]

@@ -1,5 +1,6 @@
 """Per-request sampling parameters, validated on construction."""
 
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -8,6 +9,25 @@ from scheduler.errors import InvalidRequest
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 256
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound for chat's top_logprobs
+
+
+STRUCTURED_KINDS = ("json_schema", "json_object", "regex", "choice")
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredOutput:
+    """A constraint on the output, compiled to a grammar by engine/grammar.py. `value`: the JSON
+    schema as JSON text (json_schema), a regular expression (regex), a JSON list of strings
+    (choice); unused for json_object (any JSON object). `field`: the request field it came
+    from, named by errors."""
+
+    kind: str
+    value: str = ""
+    field: str = "response_format"
+
+    @property
+    def choices(self) -> list[str]:
+        return json.loads(self.value)
 
 
 @dataclass(slots=True)
@@ -37,6 +57,7 @@ class SamplingParams:
     # alternatives. The first prompt token has none.
     prompt_logprobs: int | None = None
     speculative: bool = True  # False: this request is never drafted for (plain decoding)
+    structured: StructuredOutput | None = None  # tokens outside the grammar are never sampled
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -94,6 +115,10 @@ class SamplingParams:
                                                  or not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS):
             raise InvalidRequest(f"the number of top prompt logprobs must be in [0, {MAX_TOP_LOGPROBS}], "
                                  f"got {self.prompt_logprobs!r}", "prompt_logprobs")
+        if self.structured is not None and (not isinstance(self.structured, StructuredOutput)
+                                            or self.structured.kind not in STRUCTURED_KINDS):
+            raise InvalidRequest(f"structured output must be one of {', '.join(STRUCTURED_KINDS)}",
+                                 getattr(self.structured, "field", "response_format"))
         if not isinstance(self.speculative, bool):
             raise InvalidRequest("speculative must be a boolean", "speculative")
 
