@@ -5,7 +5,6 @@ rejected where the grammar refuses them (greedy and seeded outputs equal plain d
 import json
 
 import pytest
-import torch
 
 from draft import Drafter, DraftInput, Proposal
 from engine import InvalidRequest, SamplingParams, StructuredOutput
