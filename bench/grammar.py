@@ -99,11 +99,11 @@ def bench_xgrammar(tokenizer, vocab_size: int, tokens: list[int], batch_sizes: l
 def bench_llguidance(tokenizer, vocab_size: int, tokens: list[int], batch_sizes: list[int], rounds: int,
                      gamma: int) -> dict:
     import llguidance
-    import llguidance.hf
     import llguidance.torch as llt
 
-    lltok = llguidance.hf.from_tokenizer(_hf_tokenizer(tokenizer), n_vocab=vocab_size,
-                                         eos_token=sorted(tokenizer.eos_token_ids))
+    from engine.grammar import GrammarCompiler
+
+    lltok = GrammarCompiler(tokenizer, vocab_size).tokenizer  # as the engine builds it
     t0 = time.perf_counter()
     grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(SCHEMA))
     llguidance.LLMatcher(lltok, grammar)  # llguidance compiles lazily, per matcher

@@ -54,6 +54,11 @@ class GenerationRequest(_Body):
     stop_token_ids: list[int] | None = None
     # dspark: false decodes this request without speculation (no drafts, plain steps)
     speculative: bool = True
+    # structured outputs (engine/grammar.py): OpenAI's response_format, or vLLM's guided_*
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
 
     # Without max_tokens: this many (capped by the context), or None for the rest of the
     # context window (chat, as vLLM and OpenAI do).
@@ -92,7 +97,6 @@ class ChatCompletionRequest(GenerationRequest):
     max_completion_tokens: int | None = None  # OpenAI's newer name; wins over max_tokens
     logprobs: bool = False
     top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
     tools: Unsupported = None
     tool_choice: Unsupported = None
     parallel_tool_calls: Unsupported = None
@@ -122,8 +126,6 @@ class ChatCompletionRequest(GenerationRequest):
             "prediction", "web_search_options", "verbosity") if getattr(self, name) not in (None, "none")}
         if self.reasoning_effort is not None:
             refused["reasoning_effort"] = "reasoning_effort is not supported: the served model does not reason"
-        if self.response_format is not None and self.response_format != {"type": "text"}:
-            refused["response_format"] = "response_format other than {\"type\": \"text\"} is not supported yet"
         if self.modalities is not None and self.modalities != ["text"]:
             refused["modalities"] = "only the text modality is supported"
         return refused

@@ -15,7 +15,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from engine.async_engine import AsyncLLM
 from engine.output_processor import RequestOutput
-from scheduler import EngineDead, InvalidRequest, SamplingParams
+from scheduler import EngineDead, InvalidRequest, SamplingParams, StructuredOutput
 from server.choices import merge_choices
 from server.errors import APIError
 from server.formats import Plan, ResponseFormat
@@ -203,6 +203,37 @@ def resolve_max_tokens(requested: int | None, num_prompt_tokens: int, max_model_
     return requested  # values below 1 are refused by SamplingParams with their own message
 
 
+def structured_output(body: GenerationRequest) -> StructuredOutput | None:
+    """The request's output constraint: OpenAI's response_format or one of vLLM's guided_*."""
+    given = [name for name in ("response_format", "guided_json", "guided_regex", "guided_choice")
+             if getattr(body, name) is not None]
+    if len(given) > 1:
+        raise InvalidRequest(f"send only one of {', '.join(given)}", given[1])
+    if body.guided_json is not None:
+        schema = body.guided_json if isinstance(body.guided_json, str) else json.dumps(body.guided_json)
+        return StructuredOutput("json_schema", schema, "guided_json")
+    if body.guided_regex is not None:
+        return StructuredOutput("regex", body.guided_regex, "guided_regex")
+    if body.guided_choice is not None:
+        if not body.guided_choice or not all(body.guided_choice):
+            raise InvalidRequest("guided_choice must be a list of non-empty strings", "guided_choice")
+        return StructuredOutput("choice", json.dumps(body.guided_choice), "guided_choice")
+    fmt = body.response_format
+    if fmt is None or fmt.get("type") == "text":
+        return None
+    if fmt.get("type") == "json_object":
+        return StructuredOutput("json_object")
+    if fmt.get("type") == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise InvalidRequest("response_format.json_schema must be an object with a 'schema' object",
+                                 "response_format")
+        # OpenAI's strict mode is what the grammar enforces anyway; no schema means any object
+        return StructuredOutput("json_schema", json.dumps(spec.get("schema") or {"type": "object"}))
+    raise InvalidRequest(f"response_format type must be text, json_object or json_schema, got {fmt.get('type')!r}",
+                         "response_format")
+
+
 def _plan(body: GenerationRequest, ctx: ServingContext, req_id: str, prompt_ids: list[int],
           prompt_param: str, logprobs: int | None) -> Plan:
     requested = body.requested_max_tokens
@@ -227,6 +258,7 @@ def _plan(body: GenerationRequest, ctx: ServingContext, req_id: str, prompt_ids:
         min_p=body.min_p or 0.0,
         logprobs=logprobs,
         speculative=body.speculative,
+        structured=structured_output(body),
     )
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     token_bytes = None if logprobs is None else ctx.engine.info.tokenizer.token_bytes

@@ -2,6 +2,8 @@
 silently dropped (tiny model, in-process server). The field lists are OpenAI's API reference
 for chat completions and (legacy) completions; a field missing from our tables fails the test."""
 
+import json
+
 import pytest
 
 from server.protocol import ChatCompletionRequest, CompletionRequest
@@ -34,12 +36,17 @@ HONOURED = {
         ("safety_identifier", "u1"), ("seed", 3), ("service_tier", "auto"), ("stop", ["zz", "yy"]),
         ("store", False), ("stream", True), ("stream_options", None), ("temperature", 0.7),
         ("tool_choice", "none"), ("top_p", 0.9), ("user", "someone"),
+        ("response_format", {"type": "json_object"}),
+        ("response_format", {"type": "json_schema", "json_schema": {"name": "v", "strict": True, "schema": {
+            "type": "object", "properties": {"v": {"type": "integer"}}, "required": ["v"]}}}),
+        ("guided_regex", "[a-c]+"), ("guided_choice", ["yes", "no"]),
     ],
     "completions": [
         ("model", None), ("prompt", [1, 2, 3]), ("best_of", 1), ("echo", True), ("frequency_penalty", 2.0),
         ("logit_bias", {"7": 100}), ("logprobs", 2), ("max_tokens", 3), ("n", 2), ("presence_penalty", 2.0),
         ("seed", 1), ("stop", "zz"), ("stream", True), ("stream_options", None), ("suffix", ""),
         ("temperature", 1.5), ("top_p", 0.5), ("user", "someone"),
+        ("guided_json", {"type": "object"}), ("response_format", {"type": "json_object"}),
     ],
 }
 # (field, value): refused, 400 with param == field (unsupported, or an invalid value)
@@ -47,7 +54,10 @@ REFUSED = {
     "chat": [
         ("audio", {"voice": "alloy", "format": "wav"}), ("function_call", "auto"), ("functions", [TOOL["function"]]),
         ("parallel_tool_calls", True), ("prediction", {"type": "content", "content": "x"}),
-        ("reasoning_effort", "low"), ("response_format", {"type": "json_object"}), ("tools", [TOOL]),
+        ("reasoning_effort", "low"), ("tools", [TOOL]), ("response_format", {"type": "xml"}),
+        ("response_format", {"type": "json_schema", "json_schema": {"name": "v", "schema": {"type": "nope"}}}),
+        ("response_format", {"type": "json_schema", "json_schema": "not an object"}),
+        ("guided_regex", "(unclosed"), ("guided_choice", []), ("guided_json", {"type": 5}),
         ("tool_choice", "required"), ("verbosity", "low"), ("web_search_options", {}),
         ("modalities", ["text", "audio"]), ("n", 129), ("n", 0), ("top_logprobs", 3),  # without logprobs
         ("frequency_penalty", 2.5), ("presence_penalty", "1"), ("logit_bias", {"x": 1}),
@@ -172,3 +182,22 @@ def test_n_choices_whole_and_streamed(tiny_client):
         text = "".join(c["delta"].get("content", "") for e in events for c in e["choices"] if c["index"] == i)
         assert text == whole["choices"][i]["message"]["content"]
         assert sum(1 for e in events for c in e["choices"] if c["index"] == i and c["finish_reason"]) == 1
+
+
+def test_structured_outputs_parse(tiny_client):
+    """The tiny model is random: what it writes under a schema is valid only thanks to the grammar."""
+    schema = {"type": "object", "additionalProperties": False, "required": ["ok", "n"],
+              "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "r", "strict": True, "schema": schema}}
+    body = {**CHAT, "max_tokens": 64, "response_format": fmt}
+    whole = tiny_client.post("/v1/chat/completions", json=body).json()["choices"][0]
+    value = json.loads(whole["message"]["content"])
+    assert set(value) == {"ok", "n"} and isinstance(value["ok"], bool) and value["n"] in (1, 2, 3)
+    assert whole["finish_reason"] == "stop"
+    with tiny_client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"]) \
+        == whole["message"]["content"]
+    text = tiny_client.post("/v1/completions", json={**COMPLETION, "max_tokens": 16,
+                                                     "guided_regex": "[0-9]{4}"}).json()["choices"][0]["text"]
+    assert len(text) == 4 and text.isdigit()

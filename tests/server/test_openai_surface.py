@@ -2,6 +2,8 @@
 drafter), through the official `openai` client: logprobs equal with and without speculation and
 equal to the target's own log-softmax, logit_bias, penalties, roles, per-request speculation."""
 
+import json
+
 import openai
 import pytest
 
@@ -212,3 +214,23 @@ def test_sampling_fields_with_the_official_client(oai, speculative, stream):
         penalised = _repeats(_reply(oai, speculative, stream, max_tokens=40, temperature=0, messages=loop,
                                     **penalty)[0])
         assert penalised < plain - 0.2, (penalty, plain, penalised)
+
+
+def test_structured_output_is_the_same_with_and_without_speculation(oai):
+    """response_format json_schema on the real model: valid JSON of the schema, and the drafts
+    the grammar refuses are rejected in verification, so greedy output does not change."""
+    schema = {"type": "object", "additionalProperties": False, "required": ["city", "country", "population"],
+              "properties": {"city": {"type": "string", "maxLength": 20}, "country": {"type": "string", "maxLength": 20},
+                             "population": {"type": "integer"}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "place", "strict": True, "schema": schema}}
+    messages = [{"role": "user", "content": "Describe Paris as JSON with city, country and population."}]
+    outs = {}
+    for spec in (True, False):
+        r = oai.chat.completions.create(model=MODEL, messages=messages, max_tokens=64, temperature=0,
+                                        response_format=fmt, extra_body={"speculative": spec})
+        outs[spec] = r.choices[0].message.content
+        value = json.loads(outs[spec])
+        assert set(value) == {"city", "country", "population"} and isinstance(value["population"], int)
+        if spec:
+            assert r.usage.model_extra["speculative_decoding"]["rounds"] > 0
+    assert outs[True] == outs[False]
