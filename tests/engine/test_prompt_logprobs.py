@@ -2,11 +2,10 @@
 whole prefill's logits, whatever the chunking, preemption, n > 1 sharing or speculation."""
 
 import pytest
-import torch
 
 from engine import SamplingParams
 from tests.draft.helpers import tiny_dspark, tiny_llm
-from tests.engine.test_engine import random_prompts, run_staggered
+from tests.engine.test_engine import random_prompts
 
 TOP = 3
 

@@ -73,8 +73,8 @@ def test_logprobs_equal_with_and_without_speculation_and_the_targets_log_softmax
 @pytest.mark.parametrize("speculative,stream", [(True, False), (False, False), (True, True)])
 def test_logit_bias_forces_a_token(oai, default_llm, speculative, stream):
     token_id = default_llm.tokenizer.encode(" ocean")[0]
-    kwargs = dict(model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0, logit_bias={str(token_id): 100},
-                  extra_body={"speculative": speculative})
+    kwargs = {"model": MODEL, "messages": MESSAGES, "max_tokens": 6, "temperature": 0, "logit_bias": {str(token_id): 100},
+                  "extra_body": {"speculative": speculative}}
     if stream:
         chunks = oai.chat.completions.create(stream=True, **kwargs)
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -133,8 +133,8 @@ def test_echo_with_logprobs_scores_the_prompt(oai, default_llm, speculative):
     """echo + logprobs: the prompt's tokens come first, each with the raw log-softmax of the
     logits before it (the first has none), then the output's; streamed equals whole."""
     prompt = "The capital of France is"
-    kwargs = dict(model=MODEL, prompt=prompt, max_tokens=5, temperature=0, logprobs=2, echo=True,
-                  extra_body={"speculative": speculative})
+    kwargs = {"model": MODEL, "prompt": prompt, "max_tokens": 5, "temperature": 0, "logprobs": 2, "echo": True,
+                  "extra_body": {"speculative": speculative}}
     ids = default_llm.tokenizer.encode(prompt, add_special_tokens=True)
     out = default_llm.generate(ids, SamplingParams(max_tokens=5, temperature=0.0))[0].token_ids
     logp = default_llm.prompt_logits(ids + out).log_softmax(-1)
