@@ -39,6 +39,8 @@ def grammar_text(spec: StructuredOutput) -> str:
         return llguidance.LLMatcher.grammar_from_json_schema('{"type": "object"}', defaults=JSON_LAYOUT)
     if spec.kind == "regex":
         return llguidance.LLMatcher.grammar_from_regex(spec.value)
+    if spec.kind == "lark":
+        return llguidance.LLMatcher.grammar_from_lark(spec.value)
     if spec.kind == "choice":
         choices = spec.choices
         return llguidance.LLMatcher.grammar_from_regex("|".join(f"({re.escape(c)})" for c in choices))

@@ -11,14 +11,14 @@ MAX_STOP_STRING_LEN = 256
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound for chat's top_logprobs
 
 
-STRUCTURED_KINDS = ("json_schema", "json_object", "regex", "choice")
+STRUCTURED_KINDS = ("json_schema", "json_object", "regex", "choice", "lark")
 
 
 @dataclass(frozen=True, slots=True)
 class StructuredOutput:
     """A constraint on the output, compiled to a grammar by engine/grammar.py. `value`: the JSON
     schema as JSON text (json_schema), a regular expression (regex), a JSON list of strings
-    (choice); unused for json_object (any JSON object). `field`: the request field it came
+    (choice), a llguidance Lark grammar (lark); unused for json_object (any JSON object). `field`: the request field it came
     from, named by errors."""
 
     kind: str

@@ -27,6 +27,7 @@ from server.protocol import (
     TopLogprob,
     Usage,
 )
+from server.tools import ToolPlan, parse
 
 
 @dataclass(slots=True)
@@ -45,6 +46,11 @@ class Plan:
     n: int = 1  # choices, each its own engine request (see `choice_params`)
     # a stream's running text_offset of completions logprobs per choice (streamed tokens' length)
     logprob_offsets: dict[int, int] = field(default_factory=dict)
+    tools: ToolPlan | None = None  # chat with tools: replies are parsed for calls
+    # with tools, a stream holds a choice's text while it may still be a call (choice -> text);
+    # choices found to be plain content stream on (`streaming_content`)
+    held: dict[int, str] = field(default_factory=dict)
+    streaming_content: set[int] = field(default_factory=set)
     arrival_time: float = field(default_factory=time.monotonic)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -130,10 +136,12 @@ class ResponseFormat(Protocol):
     def opening(self, plan: Plan, index: int) -> BaseModel | None:
         """The chunk sent before any text of a choice, if the format has one."""
 
-    def delta(self, plan: Plan, out: RequestOutput, index: int) -> BaseModel:
-        """The chunk of what `out` added: its text delta and, if asked for, its tokens' logprobs."""
+    def delta(self, plan: Plan, out: RequestOutput, index: int) -> BaseModel | None:
+        """The chunk of what `out` added: its text delta and, if asked for, its tokens' logprobs
+        (None: nothing to send yet)."""
 
-    def finish(self, plan: Plan, finish_reason: str | None, index: int) -> BaseModel: ...
+    def finish(self, plan: Plan, finish_reason: str | None, index: int) -> list[BaseModel]:
+        """The chunks that end a choice (with tools: the held calls, then the finish)."""
 
     def usage(self, plan: Plan, usage: Usage) -> BaseModel: ...
 
@@ -149,20 +157,44 @@ class ChatFormat:
     def opening(self, plan: Plan, index: int) -> BaseModel:
         return self._chunk(plan, [ChatChunkChoice(index=index, delta={"role": "assistant", "content": ""})])
 
-    def delta(self, plan: Plan, out: RequestOutput, index: int) -> BaseModel:
-        return self._chunk(plan, [ChatChunkChoice(index=index, delta={"content": out.delta_text},
+    def delta(self, plan: Plan, out: RequestOutput, index: int) -> BaseModel | None:
+        text = out.delta_text
+        if plan.tools is not None and index not in plan.streaming_content:
+            held = plan.held.get(index, "") + text
+            start = held.lstrip()
+            opener = plan.tools.call_opener
+            if not start or opener.startswith(start) or start.startswith(opener):
+                plan.held[index] = held  # may still be a call: decided at the finish
+                return None
+            plan.streaming_content.add(index)  # plain content: what was held, then the rest
+            plan.held.pop(index, None)
+            text = held
+        return self._chunk(plan, [ChatChunkChoice(index=index, delta={"content": text},
                                                   logprobs=chat_logprobs(plan, out.delta_logprobs))])
 
-    def finish(self, plan: Plan, finish_reason: str | None, index: int) -> BaseModel:
-        return self._chunk(plan, [ChatChunkChoice(index=index, delta={}, finish_reason=finish_reason)])
+    def finish(self, plan: Plan, finish_reason: str | None, index: int) -> list[BaseModel]:
+        chunks = []
+        if plan.tools is not None and index in plan.held:
+            content, calls = parse(plan.tools, plan.held.pop(index))
+            delta: dict = {"content": content} if content else {}
+            if calls:
+                delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(calls)]
+                finish_reason = "tool_calls"
+            if delta:
+                chunks.append(self._chunk(plan, [ChatChunkChoice(index=index, delta=delta)]))
+        chunks.append(self._chunk(plan, [ChatChunkChoice(index=index, delta={}, finish_reason=finish_reason)]))
+        return chunks
 
     def usage(self, plan: Plan, usage: Usage) -> BaseModel:
         return self._chunk(plan, [], usage)
 
     def complete(self, plan: Plan, outs: list[RequestOutput]) -> BaseModel:
-        choices = [ChatChoice(index=i, message=AssistantMessage(content=out.text),
-                              logprobs=chat_logprobs(plan, out.logprobs), finish_reason=out.finish_reason)
-                   for i, out in enumerate(outs)]
+        choices = []
+        for i, out in enumerate(outs):
+            content, calls = (out.text, []) if plan.tools is None else parse(plan.tools, out.text)
+            choices.append(ChatChoice(index=i, message=AssistantMessage(content=content, tool_calls=calls or None),
+                                      logprobs=chat_logprobs(plan, out.logprobs),
+                                      finish_reason="tool_calls" if calls else out.finish_reason))
         return ChatCompletionResponse(id=plan.req_id, created=plan.created, model=plan.model,
                                       choices=choices, usage=usage_of(outs))
 
@@ -189,8 +221,8 @@ class CompletionFormat:
         text = plan.echo + out.delta_text if echo_scored else out.delta_text
         return self._chunk(plan, [CompletionChoice(index=index, text=text, logprobs=logprobs)])
 
-    def finish(self, plan: Plan, finish_reason: str | None, index: int) -> BaseModel:
-        return self._chunk(plan, [CompletionChoice(index=index, text="", finish_reason=finish_reason)])
+    def finish(self, plan: Plan, finish_reason: str | None, index: int) -> list[BaseModel]:
+        return [self._chunk(plan, [CompletionChoice(index=index, text="", finish_reason=finish_reason)])]
 
     def usage(self, plan: Plan, usage: Usage) -> BaseModel:
         return self._chunk(plan, [], usage)

@@ -97,9 +97,9 @@ class ChatCompletionRequest(GenerationRequest):
     max_completion_tokens: int | None = None  # OpenAI's newer name; wins over max_tokens
     logprobs: bool = False
     top_logprobs: int | None = None
-    tools: Unsupported = None
-    tool_choice: Unsupported = None
-    parallel_tool_calls: Unsupported = None
+    tools: list[dict[str, Any]] | None = None  # server/tools.py
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     functions: Unsupported = None
     function_call: Unsupported = None
     modalities: list[str] | None = None
@@ -120,10 +120,11 @@ class ChatCompletionRequest(GenerationRequest):
         return "max_tokens" if self.max_completion_tokens is None else "max_completion_tokens"
 
     def unsupported(self) -> dict[str, str]:
-        # tool_choice "none" is OpenAI's default without tools: accepted
         refused = {name: f"{name} is not supported yet" for name in (
-            "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call", "audio",
-            "prediction", "web_search_options", "verbosity") if getattr(self, name) not in (None, "none")}
+            "audio", "prediction", "web_search_options", "verbosity") if getattr(self, name) is not None}
+        for name in ("functions", "function_call"):
+            if getattr(self, name) is not None:
+                refused[name] = "the deprecated functions API is not supported: send tools and tool_choice"
         if self.reasoning_effort is not None:
             refused["reasoning_effort"] = "reasoning_effort is not supported: the served model does not reason"
         if self.modalities is not None and self.modalities != ["text"]:
@@ -220,7 +221,8 @@ class _Response(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -238,8 +240,9 @@ class ChatCompletionResponse(_Response):
 
 class ChatChunkChoice(BaseModel):
     index: int = 0
-    # Only the keys that changed, as OpenAI sends them: {"role": ...}, {"content": ...} or {}.
-    delta: dict[str, str]
+    # Only the keys that changed, as OpenAI sends them: {"role": ...}, {"content": ...},
+    # {"tool_calls": [...]} or {}.
+    delta: dict[str, str | list[dict[str, Any]]]
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 

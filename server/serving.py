@@ -31,6 +31,7 @@ from server.protocol import (
     TokenizeResponse,
 )
 from server.streaming import sse_events
+from server.tools import constraint, history_calls, render, tool_plan
 
 logger = logging.getLogger(__name__)
 
@@ -63,16 +64,31 @@ MAX_COMPLETION_LOGPROBS = 5
 async def plan_chat(body: ChatCompletionRequest, ctx: ServingContext) -> Plan:
     _check_common(body, ctx)
     tokenizer = ctx.engine.info.tokenizer
-    messages = [_render_message(m, i, tokenizer.chat_template or "") for i, m in enumerate(body.messages)]
+    template = tokenizer.chat_template or ""
+    messages = [_render_message(m, i, template) for i, m in enumerate(body.messages)]
+    tools = tool_plan(body.tools, body.tool_choice, body.parallel_tool_calls, template)
+    template_vars: dict[str, Any] = {}
+    if tools is not None:
+        if body.logprobs:
+            raise InvalidRequest("logprobs together with tools are not supported", "logprobs")
+        if tools.choice != "auto" and structured_output(body) is not None:
+            raise InvalidRequest("response_format cannot be combined with tool_choice required or a "
+                                 "named function", "response_format")
+        messages, template_vars = render(tools, messages)
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidRequest("top_logprobs needs logprobs set to true", "top_logprobs")
     top = body.top_logprobs or 0
     if not 0 <= top <= MAX_CHAT_TOP_LOGPROBS:
         raise InvalidRequest(f"top_logprobs must be in [0, {MAX_CHAT_TOP_LOGPROBS}], got {top}", "top_logprobs")
     # Off the event loop: a long conversation takes a while to render and tokenise.
-    prompt_ids = await asyncio.to_thread(tokenizer.encode_chat, messages)
-    return _plan(body, ctx, f"chatcmpl-{uuid.uuid4().hex}", prompt_ids, "messages",
+    prompt_ids = await asyncio.to_thread(tokenizer.encode_chat, messages, **template_vars)
+    plan = _plan(body, ctx, f"chatcmpl-{uuid.uuid4().hex}", prompt_ids, "messages",
                  top if body.logprobs else None)
+    if tools is not None:
+        plan.tools = tools
+        if (forced := constraint(tools)) is not None:
+            plan.params = replace(plan.params, structured=forced)
+    return plan
 
 
 def _render_message(message: ChatMessage, i: int, template: str) -> dict[str, Any]:
@@ -92,7 +108,7 @@ def _render_message(message: ChatMessage, i: int, template: str) -> dict[str, An
     if message.role == "developer":
         out["role"] = "system"
     if message.tool_calls and "tool_calls" not in template:
-        calls = json.dumps({"tool_calls": message.tool_calls}, ensure_ascii=False)
+        calls = history_calls(message.tool_calls)
         content = out.get("content") or ""
         if isinstance(content, list):  # text parts: the tokenizer joins them with newlines
             out["content"] = [*content, {"type": "text", "text": calls}]

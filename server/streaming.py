@@ -40,10 +40,11 @@ async def sse_events(plan: Plan, fmt: ResponseFormat, first: tuple[int, RequestO
                 if item is None:
                     raise EngineDead("the request was aborted")
                 index, out = item
-                if out.delta_text or out.delta_logprobs:
-                    yield sse(fmt.delta(plan, out, index))
+                if (out.delta_text or out.delta_logprobs) and (chunk := fmt.delta(plan, out, index)):
+                    yield sse(chunk)
                 if out.finished:
-                    yield sse(fmt.finish(plan, out.finish_reason, index))
+                    for chunk in fmt.finish(plan, out.finish_reason, index):
+                        yield sse(chunk)
                     finals[index] = out
                     if len(finals) == plan.n:
                         if plan.include_usage:

@@ -40,6 +40,7 @@ HONOURED = {
         ("response_format", {"type": "json_schema", "json_schema": {"name": "v", "strict": True, "schema": {
             "type": "object", "properties": {"v": {"type": "integer"}}, "required": ["v"]}}}),
         ("guided_regex", "[a-c]+"), ("guided_choice", ["yes", "no"]),
+        ("tools", [TOOL]), ("parallel_tool_calls", False),
     ],
     "completions": [
         ("model", None), ("prompt", [1, 2, 3]), ("best_of", 1), ("echo", True), ("frequency_penalty", 2.0),
@@ -53,8 +54,9 @@ HONOURED = {
 REFUSED = {
     "chat": [
         ("audio", {"voice": "alloy", "format": "wav"}), ("function_call", "auto"), ("functions", [TOOL["function"]]),
-        ("parallel_tool_calls", True), ("prediction", {"type": "content", "content": "x"}),
-        ("reasoning_effort", "low"), ("tools", [TOOL]), ("response_format", {"type": "xml"}),
+        ("prediction", {"type": "content", "content": "x"}), ("tools", [{"type": "function"}]),
+        ("tool_choice", {"type": "function", "function": {"name": "nope"}}),
+        ("reasoning_effort", "low"), ("response_format", {"type": "xml"}),
         ("response_format", {"type": "json_schema", "json_schema": {"name": "v", "schema": {"type": "nope"}}}),
         ("response_format", {"type": "json_schema", "json_schema": "not an object"}),
         ("guided_regex", "(unclosed"), ("guided_choice", []), ("guided_json", {"type": 5}),

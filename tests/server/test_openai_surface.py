@@ -234,3 +234,30 @@ def test_structured_output_is_the_same_with_and_without_speculation(oai):
         if spec:
             assert r.usage.model_extra["speculative_decoding"]["rounds"] > 0
     assert outs[True] == outs[False]
+
+
+def test_tool_calls_with_the_official_client(oai):
+    """The default model's template has no tools: the JSON fallback, `required` enforced by the
+    grammar; the call round-trips as history and the model answers from the result."""
+    weather = {"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather of a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}},
+                       "required": ["city"], "additionalProperties": False}}}
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    for stream in (False, True):
+        # one call: with parallel calls allowed, this small model repeats the same call
+        kwargs = {"model": MODEL, "messages": messages, "tools": [weather], "tool_choice": "required", "max_tokens": 64,
+                      "temperature": 0, "parallel_tool_calls": False}
+        if stream:
+            chunks = list(oai.chat.completions.create(stream=True, **kwargs))
+            calls = [c for ch in chunks if ch.choices for c in ch.choices[0].delta.tool_calls or []]
+            finish = chunks[-1].choices[0].finish_reason
+        else:
+            r = oai.chat.completions.create(**kwargs)
+            calls, finish = r.choices[0].message.tool_calls, r.choices[0].finish_reason
+        assert finish == "tool_calls" and len(calls) == 1 and calls[0].function.name == "get_weather"
+        assert set(json.loads(calls[0].function.arguments)) == {"city"}
+    answer = oai.chat.completions.create(model=MODEL, tools=[weather], max_tokens=32, temperature=0, messages=[
+        *messages, {"role": "assistant", "content": None, "tool_calls": [c.model_dump() for c in calls]},
+        {"role": "tool", "tool_call_id": calls[0].id, "content": "Sunny, 21 C"}])
+    assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
