@@ -5,6 +5,7 @@ rejected where the grammar refuses them (greedy and seeded outputs equal plain d
 import json
 
 import pytest
+import torch
 
 from draft import Drafter, DraftInput, Proposal
 from engine import InvalidRequest, SamplingParams, StructuredOutput
@@ -110,3 +111,55 @@ def test_rows_after_a_refused_draft_allow_anything(plain):
     assert allowed[3].all() and allowed[4].all()  # past the refusal: never sampled
     masks.commit("r", [a, b])
     assert masks.masks([MaskedRequest("r", spec, 0, [])], 1)[0, b]
+
+
+class AbcdDrafter(Drafter):
+    """Drafts from its own random, peaked distributions over "abcd": "d" is outside the grammar
+    below, so verification must refuse it on every draft row."""
+
+    name = "abcd"
+
+    def __init__(self, token_ids: list[int], num_draft_tokens: int = 3, seed: int = 0) -> None:
+        self.ids, self.num_draft_tokens = torch.tensor(token_ids), num_draft_tokens
+        self.gen = torch.Generator().manual_seed(seed)
+        self.vocab_size = 259
+
+    def propose(self, inputs: list[DraftInput]) -> list[Proposal]:
+        n, k = len(inputs), self.num_draft_tokens
+        small = (2.5 * torch.randn(n, k, len(self.ids), generator=self.gen)).softmax(-1)
+        picks = torch.multinomial(small.view(-1, len(self.ids)), 1, generator=self.gen).view(n, k)
+        probs = torch.zeros(n, k, self.vocab_size).index_copy_(2, self.ids, small)
+        return [Proposal(self.ids[picks[i]].tolist(), probs[i]) for i in range(n)]
+
+
+def _grammar_counts(path, drafter, num: int, seed: int):
+    import collections
+
+    llm = tiny_llm(path, block_size=4, seed=seed, verify_policy="fixed", drafter=drafter,
+                   max_num_seqs=1024, max_num_batched_tokens=8192, num_blocks=4096)
+    params = SamplingParams(max_tokens=4, temperature=1.0, structured=StructuredOutput("regex", "[abc]{3}"))
+    counts: collections.Counter = collections.Counter()
+    eng = llm.engine
+    for start in range(0, num, 1000):
+        for _ in range(min(1000, num - start)):
+            eng.add_request([5, 6, 7], params)
+        while eng.has_unfinished():
+            counts.update(tuple(o.token_ids[:3]) for o in eng.step() if o.finished)
+    return counts
+
+
+@pytest.mark.slow
+def test_constrained_speculative_sampling_is_distributed_as_constrained_plain(tiny_model_dir, monkeypatch):
+    from tests.engine.test_speculative_stats import same_distribution_p
+
+    abcd = [int(plain_id) for plain_id in tiny_llm(tiny_model_dir).engine.tokenizer.encode("abcd", False)]
+    plain = _grammar_counts(tiny_model_dir, None, 3000, seed=1)
+    spec = _grammar_counts(tiny_model_dir, AbcdDrafter(abcd, seed=2), 3000, seed=3)
+    assert len(plain) > 20 and sum(spec.values()) == 3000
+    assert same_distribution_p(plain, spec) > 0.001
+    # masks on the first row only (draft rows unconstrained): the forbidden "d" gets accepted
+    masks = GrammarMasks.masks
+    monkeypatch.setattr(GrammarMasks, "masks", lambda self, reqs, rows: masks(
+        self, [MaskedRequest(r.req_id, r.spec, r.row, []) for r in reqs], rows))
+    broken = _grammar_counts(tiny_model_dir, AbcdDrafter(abcd, seed=2), 3000, seed=3)
+    assert same_distribution_p(plain, broken) < 0.001
