@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--pack", default=None,
                    help="compact token file: its rows count as done (resume from committed data), "
                         "and it is rewritten with every response at the end")
+    d.add_argument("--pack-every-tokens", type=int, default=None,
+                   help="also rewrite --pack after every this many new response tokens")
 
     k = sub.add_parser("pack", help="write the responses as a compact token file (.npz)")
     k.add_argument("--data", required=True, help="data directory (responses.jsonl)")
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                          args.max_prompts_per_file, args.max_prompt_tokens, args.max_new_tokens,
                          tuple(float(t) for t in args.temperatures.split(",")), args.top_p,
                          args.heldout_fraction, args.batch_size, args.max_response_tokens, args.seed,
-                         args.pack)
+                         args.pack, args.pack_every_tokens)
         generate(cfg)
         if args.pack:
             from draft.training.tokens import pack

@@ -48,6 +48,9 @@ class DataConfig:
     # a packed token file (`dspark draft pack`) whose rows count as done: generation goes on
     # from the committed data on a machine without the earlier responses.jsonl
     resume_from: str | None = None
+    # rewrite `resume_from` after every this many new response tokens, so a run's progress can
+    # be committed (and survive the loss of out_dir) before it ends; None: only at the end
+    pack_every_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +169,7 @@ def generate(cfg: DataConfig) -> Path:
             if len(answers) < len(conv.turns):
                 return conv, answers
 
+    packed_at = num_tokens
     with open(path, "a") as f:
         while True:
             while len(in_flight) < cfg.batch_size and (job := next_turn()) is not None:
@@ -192,6 +196,11 @@ def generate(cfg: DataConfig) -> Path:
                 bar.update(len(res.token_ids))
                 if len(answers) + 1 < len(conv.turns):
                     queue.append((conv, [*answers, tok.decode(res.token_ids)]))
+                if cfg.resume_from and cfg.pack_every_tokens and num_tokens - packed_at >= cfg.pack_every_tokens:
+                    from draft.training.tokens import pack  # tokens imports this module
+
+                    pack(out, cfg.resume_from)
+                    packed_at = num_tokens
     bar.close()
     logger.info("%d responses, %d response tokens in %s", len(done), num_tokens, path)
     return path

@@ -193,6 +193,33 @@ def test_data_stops_at_a_token_budget(tiny_model_dir, tmp_path):
     assert 2 <= len(rows) < 8  # the first batch (and any later turn it opened), nothing new after
 
 
+def test_data_packs_as_it_goes_so_a_lost_data_dir_resumes_from_the_pack(tiny_model_dir, tmp_path):
+    import shutil
+
+    from draft.training import data as data_mod
+    from draft.training.tokens import unpack
+
+    prompts = tmp_path / "chat_tiny.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    packed = tmp_path / "tokens.npz"
+    cfg = data_mod.DataConfig((str(prompts),), str(tmp_path / "data"), model=str(tiny_model_dir),
+                              dtype="float32", max_new_tokens=12, temperatures=(0.0,), batch_size=3,
+                              resume_from=str(packed), pack_every_tokens=1)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(data_mod, "tqdm", _InterruptAfter(4))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            data_mod.generate(cfg)
+    finally:
+        mp.undo()
+    first = {r["key"]: r["response_ids"] for r in unpack(packed)}
+    assert len(first) == 3  # packed after each of the three responses before the interruption
+    shutil.rmtree(tmp_path / "data")  # the machine is gone; only the committed pack is left
+    data_mod.generate(cfg)
+    rows = {r["key"]: r["response_ids"] for r in data_mod.read_responses(tmp_path / "data")}
+    assert len(rows) == 10 and all(rows[k] == ids for k, ids in first.items())
+
+
 def test_pack_round_trips_the_token_ids(tiny_rows, tmp_path):
     import numpy as np
 
