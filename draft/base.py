@@ -43,6 +43,8 @@ class DraftInput:
     `seed`, `num_output_tokens`: a seeded request's output token k + 1 after these is the
     winner of the race `engine.sampler.seeded_race(seed, num_output_tokens + k)`; a sampling
     drafter draws draft k with the same race, or its drafts are rarely accepted.
+    `prediction`: token ids of the text the request expects back (Predicted Outputs), a
+    draft source of its own (draft/prediction.py).
     """
 
     req_id: str
@@ -54,6 +56,7 @@ class DraftInput:
     max_draft_tokens: int | None = None
     seed: int | None = None
     num_output_tokens: int = 0
+    prediction: list[int] | None = None
 
 
 @dataclass(slots=True)
@@ -62,12 +65,14 @@ class Proposal:
 
     `draft_probs` [len, vocab] are the distributions the tokens were drawn from (None for a
     deterministic drafter: one-hot on each token). `confidences` estimate, per position, the
-    probability that the token is accepted given all earlier ones were.
+    probability that the token is accepted given all earlier ones were. `source`: what
+    proposed it, for per-source acceptance metrics ("": the drafter that returned it).
     """
 
     draft_token_ids: list[int]
     draft_probs: torch.Tensor | None = None
     confidences: list[float] | None = None
+    source: str = ""
 
     def __len__(self) -> int:
         return len(self.draft_token_ids)

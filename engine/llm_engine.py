@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from draft import Drafter, TargetHandle, make_drafter
+from draft.prediction import PredictionDrafter
 from engine.attention import FlashAttention, make_backend
 from engine.config import EngineConfig
 from engine.grammar import GrammarCompiler, GrammarMasks
@@ -52,6 +53,9 @@ class StepStats:
     num_verify_tokens: int = 0  # K: draft tokens admitted
     expected_accepted: float = 0.0
     num_accepted: int = 0  # realised
+    # per draft source (drafter name, "prediction"): draft tokens verified / accepted
+    verified_by_source: dict[str, int] = field(default_factory=dict)
+    accepted_by_source: dict[str, int] = field(default_factory=dict)
     forward_seconds: float = 0.0
     draft_seconds: float = 0.0
 
@@ -99,6 +103,8 @@ class LLMEngine:
             self.sps = load_or_profile(self.runner, self.block_manager, key,
                                        sched_config.max_num_batched_tokens)
         self.scheduler = Scheduler(sched_config, self.block_manager, self.sps)
+        if drafter is not None:  # the policy above is the drafter's; predictions ride along
+            self.runner.drafter = PredictionDrafter(drafter)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.last_step: StepStats | None = None
         self._pending: list[tuple[RequestUpdate, float | None]] = []
@@ -147,6 +153,10 @@ class LLMEngine:
         self.validate_token_ids(params)
         if params.structured is not None:
             self.grammar_compiler().check(params.structured)
+        if params.prediction is not None and self.runner.drafter is None:
+            # plain decoding until now: the runner drafts from predictions from here on (set
+            # between steps, so no forward sees it change)
+            self.runner.drafter = PredictionDrafter(None)
         req = Request(req_id, prompt_ids, params, eos_token_ids=self.tokenizer.eos_token_ids,
                       max_model_len=self.max_model_len, prompt_parent=prompt_parent)
         if arrival_time is not None:
@@ -177,6 +187,8 @@ class LLMEngine:
         vocab = self.arch.vocab_size
         if any(t >= vocab for t in params.logit_bias):
             raise InvalidRequest(f"logit_bias keys must be token ids in [0, {vocab})", "logit_bias")
+        if params.prediction is not None and any(t >= vocab for t in params.prediction):
+            raise InvalidRequest(f"prediction token ids must be in [0, {vocab})", "prediction")
         if any(t >= vocab for t in params.stop_token_ids):
             raise InvalidRequest(f"stop_token_ids must be token ids in [0, {vocab})", "stop_token_ids")
 
@@ -233,12 +245,19 @@ class LLMEngine:
 
     def _record_step(self, sched_out: SchedulerOutput, runner_out: ModelRunnerOutput,
                      updates: list[RequestUpdate]) -> None:
+        verified: dict[str, int] = {}
+        accepted: dict[str, int] = {}
+        for u in updates:
+            if u.num_draft_tokens:
+                verified[u.draft_source] = verified.get(u.draft_source, 0) + u.num_draft_tokens
+                accepted[u.draft_source] = accepted.get(u.draft_source, 0) + u.num_accepted_tokens
         self.last_step = StepStats(
             num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
             num_scheduled_tokens=sched_out.num_tokens, kv_usage=self.block_manager.usage,
             verify_lengths=[s.num_draft_tokens for s in sched_out.scheduled if s.num_draft_tokens],
             num_verify_tokens=sched_out.num_verify_tokens, expected_accepted=sched_out.expected_accepted,
             num_accepted=sum(u.num_accepted_tokens for u in updates),
+            verified_by_source=verified, accepted_by_source=accepted,
             num_drafted=sum(map(len, runner_out.draft_token_ids or [])),
             forward_seconds=runner_out.forward_seconds, draft_seconds=runner_out.draft_seconds)
 

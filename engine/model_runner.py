@@ -145,10 +145,13 @@ class ModelRunner:
             num_accepted = len(new) - 1 if new else 0
             num_committed = s.num_tokens - s.num_draft_tokens + num_accepted  # now in the KV
             ctx = None if features is None else features[starts[r]:starts[r] + num_committed]
+            # a prediction drafts even while the verify policy rests the drafter: it costs nothing
+            room = positions != 0 or s.params.prediction is not None
             inputs.append(DraftInput(s.req_id, s.history + new, s.start_pos + num_committed, ctx,
-                                     wants_proposal=bool(new) and positions != 0 and s.params.speculative,
+                                     wants_proposal=bool(new) and room and s.params.speculative,
                                      temperature=s.params.temperature, max_draft_tokens=positions,
-                                     seed=s.params.seed, num_output_tokens=s.num_output_tokens + len(new)))
+                                     seed=s.params.seed, num_output_tokens=s.num_output_tokens + len(new),
+                                     prediction=s.params.prediction))
             rows.append(r)
             # choices that will share this prompt's KV need its context too, up to the fork
             shared = min(num_committed, s.fork_num_tokens - s.start_pos)
@@ -158,11 +161,13 @@ class ModelRunner:
                 rows.append(None)
         out.draft_token_ids = [[] for _ in out.req_ids]
         out.draft_confidences = [None for _ in out.req_ids]
+        out.draft_sources = ["" for _ in out.req_ids]
         for r, proposal in zip(rows, self.drafter.propose(inputs)):
             if r is None:
                 continue  # a choice parked on a shared prompt: context only
             out.draft_token_ids[r] = proposal.draft_token_ids
             out.draft_confidences[r] = proposal.confidences
+            out.draft_sources[r] = proposal.source or self.drafter.name
             self._draft_probs[out.req_ids[r]] = proposal.draft_probs
 
     def _forget(self, req_id: str) -> None:

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 from engine.tokenizer import Tokenizer
 from scheduler import RequestUpdate, TokenLogprob
+from scheduler.outputs import PREDICTION_SOURCE
 
 
 @dataclass(slots=True)
@@ -28,6 +29,9 @@ class RequestOutput:
     num_spec_rounds: int = 0
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    # Predicted Outputs: the prediction's draft tokens verified and accepted / rejected
+    num_prediction_accepted_tokens: int = 0
+    num_prediction_rejected_tokens: int = 0
     # one per token of `token_ids` / `delta_token_ids`, when the request asked for logprobs
     logprobs: list[TokenLogprob] | None = None
     delta_logprobs: list[TokenLogprob] | None = None
@@ -54,6 +58,8 @@ class _RequestState:
     num_spec_rounds: int = 0
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    num_prediction_accepted_tokens: int = 0
+    num_prediction_rejected_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
 
@@ -87,6 +93,9 @@ class OutputProcessor:
             st.num_spec_rounds += 1
             st.num_draft_tokens += update.num_draft_tokens
             st.num_accepted_tokens += update.num_accepted_tokens
+            if update.draft_source == PREDICTION_SOURCE:
+                st.num_prediction_accepted_tokens += update.num_accepted_tokens
+                st.num_prediction_rejected_tokens += update.num_draft_tokens - update.num_accepted_tokens
         hit = None
         if st.stop:
             # One token at a time: a stop string inside an accepted run ends the output there.
@@ -123,6 +132,8 @@ class OutputProcessor:
             first_token_time=st.first_token_time, finished_time=now if finished else None,
             num_spec_rounds=st.num_spec_rounds, num_draft_tokens=st.num_draft_tokens,
             num_accepted_tokens=st.num_accepted_tokens,
+            num_prediction_accepted_tokens=st.num_prediction_accepted_tokens,
+            num_prediction_rejected_tokens=st.num_prediction_rejected_tokens,
             logprobs=None if st.logprobs is None else list(st.logprobs), delta_logprobs=delta_logprobs,
             prompt_logprobs=st.prompt_logprobs,
         )

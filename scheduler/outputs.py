@@ -4,6 +4,9 @@ from dataclasses import dataclass, field
 
 from scheduler.sampling_params import SamplingParams
 
+# the draft source of Predicted Outputs (draft/prediction.py); drafters go by their own names
+PREDICTION_SOURCE = "prediction"
+
 
 @dataclass(frozen=True, slots=True)
 class TokenLogprob:
@@ -81,6 +84,7 @@ class ModelRunnerOutput:
     prompt_logprobs: list[tuple[int, list[TokenLogprob]] | None] | None = None
     draft_token_ids: list[list[int]] | None = None
     draft_confidences: list[list[float] | None] | None = None
+    draft_sources: list[str] | None = None  # what proposed each draft (drafter name, "prediction")
     forward_seconds: float = 0.0  # target forward and (rejection) sampling
     draft_seconds: float = 0.0  # all the drafter's work this step
     # the drafting pass alone, without catching up context held while resting: what one
@@ -101,3 +105,4 @@ class RequestUpdate:
     logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked
     # with the first new token of a request that asked: one per prompt token (the first None)
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    draft_source: str = ""  # what proposed the drafts verified this step

@@ -45,6 +45,7 @@ class Request:
     # Speculative decoding: the drafter's latest proposal, verified in the next step.
     draft_token_ids: list[int] = field(default_factory=list)
     draft_confidences: list[float] | None = None
+    draft_source: str = ""
     num_spec_rounds: int = 0
     num_draft_tokens_verified: int = 0
     num_accepted_tokens: int = 0

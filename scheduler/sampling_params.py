@@ -58,6 +58,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     speculative: bool = True  # False: this request is never drafted for (plain decoding)
     structured: StructuredOutput | None = None  # tokens outside the grammar are never sampled
+    # Predicted Outputs: token ids of the expected output, drafted from (never forced: the
+    # output is what it would be without them)
+    prediction: list[int] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -119,6 +122,9 @@ class SamplingParams:
                                             or self.structured.kind not in STRUCTURED_KINDS):
             raise InvalidRequest(f"structured output must be one of {', '.join(STRUCTURED_KINDS)}",
                                  getattr(self.structured, "field", "response_format"))
+        if self.prediction is not None and (not isinstance(self.prediction, list)
+                                            or not all(_is_int(t) and t >= 0 for t in self.prediction)):
+            raise InvalidRequest("prediction must be a list of token ids", "prediction")
         if not isinstance(self.speculative, bool):
             raise InvalidRequest("speculative must be a boolean", "speculative")
 

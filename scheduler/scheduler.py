@@ -14,7 +14,13 @@ import numpy as np
 
 from scheduler.block_manager import BlockManager
 from scheduler.errors import CapacityExceeded
-from scheduler.outputs import ModelRunnerOutput, RequestUpdate, ScheduledRequest, SchedulerOutput
+from scheduler.outputs import (
+    PREDICTION_SOURCE,
+    ModelRunnerOutput,
+    RequestUpdate,
+    ScheduledRequest,
+    SchedulerOutput,
+)
 from scheduler.request import Request, RequestStatus
 from scheduler.verify_planner import StepsPerSecond, survival
 from scheduler.verify_policy import make_verify_policy
@@ -177,9 +183,13 @@ class Scheduler:
                 self._fork_parked(req)  # its prompt is now in the KV: the other choices share it
             # Drafts past the first rejection left garbage KV: roll it back by length.
             num_accepted = len(sampled) - 1 if sched.num_draft_tokens else 0
+            verified_source = req.draft_source if sched.num_draft_tokens else ""
             req.num_computed_tokens += sched.num_tokens - (sched.num_draft_tokens - num_accepted)
             if sched.num_draft_tokens:
-                self.verify_policy.observe(sched.num_draft_tokens, num_accepted, req.draft_confidences)
+                # a prediction's confidences are its own running hit rate, not the drafter's
+                # calibration: they must not rescale the drafter's
+                confidences = req.draft_confidences if req.draft_source != PREDICTION_SOURCE else None
+                self.verify_policy.observe(sched.num_draft_tokens, num_accepted, confidences)
                 req.num_spec_rounds += 1
                 req.num_draft_tokens_verified += sched.num_draft_tokens
                 req.num_accepted_tokens += num_accepted
@@ -198,13 +208,15 @@ class Scheduler:
                 req.draft_token_ids = runner_out.draft_token_ids[idx]
                 req.draft_confidences = (runner_out.draft_confidences[idx]
                                          if runner_out.draft_confidences else None)
+                req.draft_source = runner_out.draft_sources[idx] if runner_out.draft_sources else ""
             if new_ids or status is not None:
                 logprobs = runner_out.logprobs[idx] if runner_out.logprobs else None
                 first_output = req.num_output_tokens == len(new_ids)
                 updates.append(RequestUpdate(req_id, new_ids, status.finish_reason if status else None,
                                              req.num_prompt_tokens, sched.num_draft_tokens, num_accepted,
                                              None if logprobs is None else logprobs[:len(new_ids)],
-                                             req.prompt_logprobs if first_output else None))
+                                             req.prompt_logprobs if first_output else None,
+                                             verified_source))
         return updates
 
     # ---- helpers ----------------------------------------------------------------------

@@ -23,6 +23,7 @@ from server.protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionResponse,
+    CompletionTokensDetails,
     SpeculativeUsage,
     TopLogprob,
     Usage,
@@ -66,9 +67,10 @@ class Plan:
         return replace(self.params, seed=(self.params.seed + index) % 2**63)
 
 
-def usage_of(outs: list[RequestOutput]) -> Usage:
+def usage_of(plan: Plan, outs: list[RequestOutput]) -> Usage:
     """One request's usage over its choices: the prompt once (OpenAI counts it so), every
-    choice's completion tokens, and speculation summed over the choices."""
+    choice's completion tokens, and speculation (and the prediction's part in it) summed over
+    the choices."""
     rounds = sum(o.num_spec_rounds for o in outs)
     accepted = sum(o.num_accepted_tokens for o in outs)
     spec = None
@@ -76,8 +78,13 @@ def usage_of(outs: list[RequestOutput]) -> Usage:
         spec = SpeculativeUsage(rounds=rounds, draft_tokens=sum(o.num_draft_tokens for o in outs),
                                 accepted_tokens=accepted, mean_acceptance_length=(accepted + rounds) / rounds)
     prompt, completion = outs[0].num_prompt_tokens, sum(len(o.token_ids) for o in outs)
+    details = None
+    if plan.params.prediction is not None:
+        details = CompletionTokensDetails(
+            accepted_prediction_tokens=sum(o.num_prediction_accepted_tokens for o in outs),
+            rejected_prediction_tokens=sum(o.num_prediction_rejected_tokens for o in outs))
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                 speculative_decoding=spec)
+                 completion_tokens_details=details, speculative_decoding=spec)
 
 
 def _token(plan: Plan, token_id: int) -> tuple[str, bytes]:
@@ -196,7 +203,7 @@ class ChatFormat:
                                       logprobs=chat_logprobs(plan, out.logprobs),
                                       finish_reason="tool_calls" if calls else out.finish_reason))
         return ChatCompletionResponse(id=plan.req_id, created=plan.created, model=plan.model,
-                                      choices=choices, usage=usage_of(outs))
+                                      choices=choices, usage=usage_of(plan, outs))
 
 
 class CompletionFormat:
@@ -233,4 +240,4 @@ class CompletionFormat:
                                     logprobs=completion_logprobs(plan, out.logprobs, 0 if scored else len(plan.echo),
                                                                  out if scored else None))
                    for i, out in enumerate(outs)]
-        return self._chunk(plan, choices, usage_of(outs))
+        return self._chunk(plan, choices, usage_of(plan, outs))

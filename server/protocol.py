@@ -24,6 +24,25 @@ class StreamOptions(_Body):
 Unsupported = Any
 
 
+class ContentPart(_Body):
+    type: str
+    text: str | None = None
+
+
+class Prediction(_Body):
+    """OpenAI's Predicted Outputs: text the output is expected to repeat (e.g. the code an
+    edit returns), drafted from and verified, so it only changes speed."""
+
+    type: Literal["content"]
+    content: str | list[ContentPart]
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text or "" for part in self.content if part.type == "text")
+
+
 class GenerationRequest(_Body):
     """Fields shared by chat and text completions (sampling, streaming, bookkeeping)."""
 
@@ -59,6 +78,7 @@ class GenerationRequest(_Body):
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
+    prediction: Prediction | None = None
 
     # Without max_tokens: this many (capped by the context), or None for the rest of the
     # context window (chat, as vLLM and OpenAI do).
@@ -76,11 +96,6 @@ class GenerationRequest(_Body):
     def unsupported(self) -> dict[str, str]:
         """Set fields this server refuses, with the reason (field -> message)."""
         return {}
-
-
-class ContentPart(_Body):
-    type: str
-    text: str | None = None
 
 
 class ChatMessage(_Body):
@@ -104,7 +119,6 @@ class ChatCompletionRequest(GenerationRequest):
     function_call: Unsupported = None
     modalities: list[str] | None = None
     audio: Unsupported = None
-    prediction: Unsupported = None
     web_search_options: Unsupported = None
     reasoning_effort: Unsupported = None
     verbosity: Unsupported = None
@@ -121,7 +135,7 @@ class ChatCompletionRequest(GenerationRequest):
 
     def unsupported(self) -> dict[str, str]:
         refused = {name: f"{name} is not supported yet" for name in (
-            "audio", "prediction", "web_search_options", "verbosity") if getattr(self, name) is not None}
+            "audio", "web_search_options", "verbosity") if getattr(self, name) is not None}
         for name in ("functions", "function_call"):
             if getattr(self, name) is not None:
                 refused[name] = "the deprecated functions API is not supported: send tools and tool_choice"
@@ -177,17 +191,27 @@ class SpeculativeUsage(BaseModel):
     mean_acceptance_length: float  # tokens committed per verify step: (accepted + rounds) / rounds
 
 
+class CompletionTokensDetails(BaseModel):
+    """OpenAI's: of the prediction's tokens proposed as drafts, how many the output accepted
+    and how many it rejected (rejected ones still cost compute, not completion tokens)."""
+
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    completion_tokens_details: CompletionTokensDetails | None = None  # only with a prediction
     speculative_decoding: SpeculativeUsage | None = None  # only with a drafter
 
     @model_serializer(mode="wrap")
-    def _without_absent_speculation(self, handler: Any) -> dict[str, Any]:
+    def _without_absent_details(self, handler: Any) -> dict[str, Any]:
         out = handler(self)
-        if out.get("speculative_decoding") is None:
-            out.pop("speculative_decoding", None)
+        for name in ("speculative_decoding", "completion_tokens_details"):
+            if out.get(name) is None:
+                out.pop(name, None)
         return out
 
 

@@ -250,6 +250,14 @@ def structured_output(body: GenerationRequest) -> StructuredOutput | None:
                          "response_format")
 
 
+def _prediction(body: GenerationRequest, ctx: ServingContext) -> list[int] | None:
+    if body.prediction is None:
+        return None
+    if isinstance(body.prediction.content, list) and any(p.type != "text" for p in body.prediction.content):
+        raise InvalidRequest("prediction.content parts must be text", "prediction")
+    return ctx.engine.info.tokenizer.encode(body.prediction.text)
+
+
 def _plan(body: GenerationRequest, ctx: ServingContext, req_id: str, prompt_ids: list[int],
           prompt_param: str, logprobs: int | None) -> Plan:
     requested = body.requested_max_tokens
@@ -275,6 +283,7 @@ def _plan(body: GenerationRequest, ctx: ServingContext, req_id: str, prompt_ids:
         logprobs=logprobs,
         speculative=body.speculative,
         structured=structured_output(body),
+        prediction=_prediction(body, ctx),
     )
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     token_bytes = None if logprobs is None else ctx.engine.info.tokenizer.token_bytes

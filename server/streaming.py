@@ -48,7 +48,7 @@ async def sse_events(plan: Plan, fmt: ResponseFormat, first: tuple[int, RequestO
                     finals[index] = out
                     if len(finals) == plan.n:
                         if plan.include_usage:
-                            yield sse(fmt.usage(plan, usage_of([finals[i] for i in range(plan.n)])))
+                            yield sse(fmt.usage(plan, usage_of(plan, [finals[i] for i in range(plan.n)])))
                         break
                 item = await anext(outputs, None)
         except DSparkError as e:

@@ -41,6 +41,8 @@ HONOURED = {
             "type": "object", "properties": {"v": {"type": "integer"}}, "required": ["v"]}}}),
         ("guided_regex", "[a-c]+"), ("guided_choice", ["yes", "no"]),
         ("tools", [TOOL]), ("parallel_tool_calls", False),
+        ("prediction", {"type": "content", "content": "x"}),
+        ("prediction", {"type": "content", "content": [{"type": "text", "text": "x"}]}),
     ],
     "completions": [
         ("model", None), ("prompt", [1, 2, 3]), ("best_of", 1), ("echo", True), ("frequency_penalty", 2.0),
@@ -48,13 +50,15 @@ HONOURED = {
         ("seed", 1), ("stop", "zz"), ("stream", True), ("stream_options", None), ("suffix", ""),
         ("temperature", 1.5), ("top_p", 0.5), ("user", "someone"),
         ("guided_json", {"type": "object"}), ("response_format", {"type": "json_object"}),
+        ("prediction", {"type": "content", "content": "hello"}),
     ],
 }
 # (field, value): refused, 400 with param == field (unsupported, or an invalid value)
 REFUSED = {
     "chat": [
         ("audio", {"voice": "alloy", "format": "wav"}), ("function_call", "auto"), ("functions", [TOOL["function"]]),
-        ("prediction", {"type": "content", "content": "x"}), ("tools", [{"type": "function"}]),
+        ("prediction", {"type": "text", "content": "x"}),
+        ("prediction", {"type": "content", "content": [{"type": "image_url"}]}), ("tools", [{"type": "function"}]),
         ("tool_choice", {"type": "function", "function": {"name": "nope"}}),
         ("reasoning_effort", "low"), ("response_format", {"type": "xml"}),
         ("response_format", {"type": "json_schema", "json_schema": {"name": "v", "schema": {"type": "nope"}}}),

@@ -261,3 +261,37 @@ def test_tool_calls_with_the_official_client(oai):
         *messages, {"role": "assistant", "content": None, "tool_calls": [c.model_dump() for c in calls]},
         {"role": "tool", "tool_call_id": calls[0].id, "content": "Sunny, 21 C"}])
     assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+CODE = '''def mean(values):
+    total = 0
+    for v in values:
+        total += v
+    return total / len(values)
+'''
+
+
+def test_predicted_outputs_change_speed_only(oai):
+    """A code edit with the code as prediction: the output equals the request without it, the
+    prediction's drafts are accepted (streamed usage too), and a wrong prediction changes
+    nothing but its counts."""
+    messages = [{"role": "user", "content": f"Rename the function to average. Reply with the code only.\n\n{CODE}"}]
+
+    def ask(stream: bool = False, **fields):
+        kwargs = dict(model=MODEL, messages=messages, max_tokens=48, temperature=0, **fields)
+        if not stream:
+            r = oai.chat.completions.create(**kwargs)
+            return r.choices[0].message.content, r.usage
+        chunks = list(oai.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks[-1].usage
+
+    plain, usage = ask()
+    assert usage.completion_tokens_details is None
+    for prediction, good, stream in ((plain, True, True), (CODE, True, False), ("The quick brown fox. " * 8, False, False)):
+        text, usage = ask(stream, prediction={"type": "content", "content": prediction})
+        assert text == plain
+        details = usage.completion_tokens_details
+        assert details is not None
+        if good:
+            assert details.accepted_prediction_tokens > 0
+        assert details.accepted_prediction_tokens <= usage.completion_tokens
