@@ -17,18 +17,21 @@ import numpy as np
 
 from draft.base import EMPTY_PROPOSAL, Drafter, DraftInput, Proposal
 from scheduler.outputs import PREDICTION_SOURCE as SOURCE
+
 # Prediction drafts cost nothing to make, so propose more of them than a learned drafter does;
 # the verify policy still decides how many to verify.
 PREDICTION_DRAFT_TOKENS = 16
 MAX_NGRAM = 8
 # the prediction's confidence: a running rate of output tokens that followed it, starting
 # high (a user predicts what they expect back) and moving this much toward each new token's
-# outcome, so an edit costs a few short drafts and a wrong prediction is dropped in a few tokens
+# outcome: after an edit drafts are shorter for a while, and a prediction the output stopped
+# following fades out over some 20 tokens (a rejected draft token costs a few percent of a
+# forward at low load; the rate and the survival bar below were tuned on `dspark bench predicted`)
 PRIOR_CONFIDENCE = 0.95
-CONFIDENCE_RATE = 0.2
+CONFIDENCE_RATE = 0.05
 # propose the positions whose survival (confidence ** k) stays above this: a policy that
 # verifies every draft then spends little on a prediction the output does not follow
-MIN_SURVIVAL = 0.25
+MIN_SURVIVAL = 0.1
 # a proposal without confidences (a drafter that gives none) is valued at this rate per position
 DEFAULT_CONFIDENCE = 0.5
 

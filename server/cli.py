@@ -21,7 +21,8 @@ from server import envs
 _EXPLICIT = {"model", "device", "dtype", "cache", "scheduler", "speculative"}
 BENCHMARKS = {"serve": "bench.serve", "engine": "bench.engine", "spec": "bench.spec",
               "compare": "bench.compare", "kernels": "bench.kernels",
-              "peers": "bench.peers", "grammar": "bench.grammar"}
+              "peers": "bench.peers", "grammar": "bench.grammar",
+              "predicted": "bench.predicted"}
 
 
 def _scalar_type(tp: Any) -> type | None:

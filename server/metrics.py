@@ -74,6 +74,13 @@ class Metrics:
                                      "Accepted draft tokens", m, registry=r)
         self.spec_verify = Counter("dspark:spec_decode_num_verify_tokens",
                                    "Draft tokens sent to verification", m, registry=r)
+        # per draft source: the drafter (by name) or "prediction" (Predicted Outputs)
+        self.spec_source_verify = Counter("dspark:spec_decode_source_verify_tokens",
+                                          "Draft tokens sent to verification, by draft source",
+                                          [*m, "source"], registry=r)
+        self.spec_source_accepted = Counter("dspark:spec_decode_source_accepted_tokens",
+                                            "Accepted draft tokens, by draft source", [*m, "source"],
+                                            registry=r)
         self.spec_accepted_len = Histogram("dspark:spec_decode_accepted_length",
                                            "Tokens committed per speculation round", m,
                                            buckets=_ACCEPTED_LEN_BUCKETS, registry=r)
@@ -127,6 +134,9 @@ class Metrics:
             self.spec_capacity.labels(model).observe(stats.num_verify_tokens)
             for n in stats.verify_lengths:
                 self.spec_verify_per_req.labels(model).observe(n)
+            for source, n in stats.verified_by_source.items():
+                self.spec_source_verify.labels(model, source).inc(n)
+                self.spec_source_accepted.labels(model, source).inc(stats.accepted_by_source.get(source, 0))
 
     def count_error(self, status: int) -> None:
         if self.model_name is not None and status >= 400:

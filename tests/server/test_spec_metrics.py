@@ -33,6 +33,10 @@ def test_spec_series_and_error_counts(tiny_model_dir):
                 r = client.post("/v1/completions", json={"prompt": text, "max_tokens": 24,
                                                           "temperature": 0})
                 assert r.status_code == 200
+            # (the random model's bytes are not all UTF-8: the text predicts only part of them)
+            predicted = client.post("/v1/completions", json={
+                "prompt": text, "max_tokens": 24, "temperature": 0,
+                "prediction": {"type": "content", "content": r.json()["choices"][0]["text"]}}).json()
             assert client.post("/v1/completions", json={"prompt": text, "max_tokens": -1}).status_code == 400
             assert client.get("/v1/nope").status_code == 404
             values = samples(client.get("/metrics").text)
@@ -46,6 +50,16 @@ def test_spec_series_and_error_counts(tiny_model_dir):
     assert total(values, "dspark:spec_decode_verify_time_seconds_count") > 0
     assert total(values, "dspark:spec_decode_draft_time_seconds_count") > 0
     assert total(values, "dspark:spec_decode_capacity_sum") == verified
+    # per source: prompt lookup and the prediction, which add up to the whole
+    by_source = {src: (total(values, "dspark:spec_decode_source_verify_tokens_total", source=src),
+                       total(values, "dspark:spec_decode_source_accepted_tokens_total", source=src))
+                 for src in ("ngram", "prediction")}
+    assert by_source["ngram"][0] > 0 and by_source["prediction"][0] > 0
+    assert sum(v for v, _ in by_source.values()) == verified
+    assert sum(a for _, a in by_source.values()) == accepted
+    details = predicted["usage"]["completion_tokens_details"]
+    assert by_source["prediction"] == (details["accepted_prediction_tokens"] + details["rejected_prediction_tokens"],
+                                       details["accepted_prediction_tokens"])
     assert total(values, "dspark:request_errors_total", status_code=400) == 1
     assert total(values, "dspark:request_errors_total", status_code=404) == 1
     assert total(values, "dspark:request_errors_total", status_code=500) == 0

@@ -1,0 +1,147 @@
+"""Predicted Outputs on code-edit requests: the original code as `prediction`, at concurrency 1.
+
+    dspark bench predicted [--num-prompts 8] [--drafts none,dspark] [--max-new-tokens 256]
+
+Each request asks for a small edit of a HumanEval function (repeat it with the function
+renamed), the way an editor asks a model to rewrite a file. Every request is run back to
+back three ways on the same engine: without a prediction, with the original code as prediction
+(the small-edit case) and with another problem's code (a wrong prediction), greedy, so drift
+hits all three. Reports per request and medians: per-user tok/s (after the first token, as the
+server's dspark:request_output_tokens_per_second; end-to-end tok/s with the prefill too), tokens per
+target forward, the prediction's accepted
+and rejected draft tokens, whether the output equals the one without a prediction, and the
+ratios to the run without a prediction; for each `--drafts` engine (`none`: plain decoding
+plus the prediction; `dspark`: the default server's drafter and scheduled verification,
+combined with the prediction). A bar plot of the speedups.
+"""
+
+import argparse
+import re
+import time
+from typing import Any
+
+from tqdm import tqdm
+
+from bench.common import SHARED_PROMPTS, load_turns, median, save_result, with_ext
+from engine import LLM, SamplingParams
+
+CASES = ("none", "prediction", "wrong")
+
+
+def code_edits(n: int) -> list[tuple[str, str]]:
+    """(edit request, original code) for the first n HumanEval problems."""
+    out = []
+    for turn in load_turns(SHARED_PROMPTS / "eval" / "code_humaneval.jsonl", n):
+        code = turn.split("```python\n", 1)[1].split("```", 1)[0].strip() + "\n"
+        name = re.search(r"^def (\w+)", code, re.MULTILINE)
+        assert name is not None, code
+        # (SmolLM2-135M rewrites code it is asked to edit unless told to repeat it)
+        request = (f"Repeat the following Python code exactly, but rename the function `{name.group(1)}` to "
+                   f"`{name.group(1)}_v2`:\n```python\n{code}```")
+        out.append((request, code))
+    return out
+
+
+def run_one(llm: LLM, prompt: list[int], params: SamplingParams) -> dict[str, Any]:
+    eng = llm.engine
+    t0 = time.perf_counter()
+    eng.add_request(prompt, params)
+    forwards, out, first = 0, None, None
+    while eng.has_unfinished():
+        outs = eng.step()
+        forwards += 1
+        if first is None and outs:
+            first = time.perf_counter()
+        out = next((o for o in outs if o.finished), out)
+    end = time.perf_counter()
+    assert out is not None and first is not None
+    n = len(out.token_ids)
+    # per-user tok/s as dspark:request_output_tokens_per_second counts it: tokens after the first
+    # over the time after the first (the prefill is the TTFT, the same with or without)
+    return {"tokens": n, "forwards": forwards, "tokens_per_forward": n / max(1, forwards - 1),
+            "tok_s": (n - 1) / max(end - first, 1e-9), "e2e_tok_s": n / (end - t0), "ttft_s": first - t0,
+            "accepted_prediction_tokens": out.num_prediction_accepted_tokens,
+            "rejected_prediction_tokens": out.num_prediction_rejected_tokens, "token_ids": out.token_ids}
+
+
+def bench_engine(llm: LLM, edits: list[tuple[str, str]], max_new_tokens: int, bar: tqdm) -> dict[str, Any]:
+    tok = llm.tokenizer
+    rows = []
+    for i, (request, code) in enumerate(edits):
+        prompt = llm.encode_chat([{"role": "user", "content": request}])
+        wrong = edits[(i + 1) % len(edits)][1]
+        runs = {}
+        for case, prediction in zip(CASES, (None, code, wrong)):
+            params = SamplingParams(max_tokens=max_new_tokens, temperature=0,
+                                    prediction=None if prediction is None else tok.encode(prediction))
+            runs[case] = run_one(llm, prompt, params)
+            bar.update(1)
+        base = runs["none"]
+        rows.append({case: {k: v for k, v in r.items() if k != "token_ids"} | {
+            "same_output": r["token_ids"] == base["token_ids"],
+            "speedup": r["tok_s"] / base["tok_s"], "e2e_speedup": r["e2e_tok_s"] / base["e2e_tok_s"]}
+            for case, r in runs.items()})
+    summary = {case: {key: median([r[case][key] for r in rows])
+                      for key in ("tok_s", "e2e_tok_s", "tokens_per_forward", "speedup", "e2e_speedup",
+                                  "accepted_prediction_tokens", "rejected_prediction_tokens")} | {
+        "same_output_fraction": sum(r[case]["same_output"] for r in rows) / len(rows)} for case in CASES}
+    return {"summary": summary, "rows": rows}
+
+
+def plot(result: dict[str, Any], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    engines = list(result["engines"])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    width = 0.8 / len(CASES)
+    for j, case in enumerate(CASES):
+        values = [result["engines"][e]["summary"][case]["speedup"] for e in engines]
+        ax.bar([i + j * width for i in range(len(engines))], values, width, label=case)
+    ax.set_xticks([i + width for i in range(len(engines))], [f"--draft {e}" for e in engines])
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_ylabel("per-user tok/s vs no prediction (median)")
+    ax.set_title("Predicted Outputs on code edits, concurrency 1")
+    ax.legend(title="prediction")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="dspark bench predicted")
+    ap.add_argument("--num-prompts", type=int, default=8)
+    ap.add_argument("--drafts", default="none,dspark", help="comma-separated engines (--draft values)")
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--dtype", default=None, help="default: the engine's default for the device")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+
+    edits = code_edits(args.num_prompts)
+    drafts = args.drafts.split(",")
+    engines: dict[str, Any] = {}
+    bar = tqdm(total=len(drafts) * len(edits) * len(CASES), desc="bench predicted")
+    for draft in drafts:
+        llm = LLM(dtype=args.dtype, device="cpu", draft=None if draft == "none" else draft)
+        run_one(llm, llm.encode_chat([{"role": "user", "content": "Hi"}]), SamplingParams(max_tokens=4))
+        engines[draft] = bench_engine(llm, edits, args.max_new_tokens, bar)
+        engines[draft]["dtype"] = llm.engine.config.dtype
+        llm.engine.close()
+    bar.close()
+    result = {"benchmark": "predicted_outputs_code_edit", "max_new_tokens": args.max_new_tokens,
+              "num_prompts": len(edits), "engines": engines}
+    path = save_result("predicted", result, args.out)
+    plot(result, with_ext(path.with_suffix(""), ".png"))
+    print(f"saved {path}")
+    for draft, r in engines.items():
+        for case, s in r["summary"].items():
+            print(f"--draft {draft:>6} prediction={case:<10}: {s['tok_s']:.1f} tok/s ({s['speedup']:.2f}x; "
+                  f"end-to-end {s['e2e_speedup']:.2f}x), "
+                  f"{s['tokens_per_forward']:.2f} tokens/forward, accepted {s['accepted_prediction_tokens']:.0f} "
+                  f"rejected {s['rejected_prediction_tokens']:.0f}, identical {s['same_output_fraction']:.0%}")
+    return 0
+
+
+if __name__ == "__main__":
+    main()
