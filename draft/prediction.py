@@ -8,7 +8,8 @@ verified like any others, so the output is exactly what it would be without a pr
 
 `PredictionDrafter` wraps the engine's own drafter (or none): a request with a prediction gets
 whichever proposal has the longer expected accepted run, judged by confidences (the
-prediction's is the share of its tokens the output has followed so far).
+prediction's is the share of its tokens the output has followed so far); where the prediction
+alone expects more than the drafter could propose, the drafter's pass is skipped.
 """
 
 from dataclasses import dataclass, replace
@@ -103,20 +104,19 @@ class PredictionDrafter(Drafter):
         return self.base.last_pass_seconds if self.base else None
 
     def propose(self, inputs: list[DraftInput]) -> list[Proposal]:
-        if self.base is not None:
-            # the base drafter only drafts where it would without predictions (its budget)
-            base_inputs = [x if x.prediction is None or x.max_draft_tokens != 0
-                           else replace(x, wants_proposal=False) for x in inputs]
-            out = [replace(p, source=p.source or self.base.name) for p in self.base.propose(base_inputs)]
-        else:
-            out = [EMPTY_PROPOSAL] * len(inputs)
-        for i, x in enumerate(inputs):
-            if x.prediction is None or not x.wants_proposal:
-                continue
-            mine = self._propose_one(x)
-            if expected_run(mine) > expected_run(out[i]):
-                out[i] = mine
-        return out
+        mine = [self._propose_one(x) if x.prediction is not None and x.wants_proposal else EMPTY_PROPOSAL
+                for x in inputs]
+        if self.base is None:
+            return mine
+        # The base drafter drafts where it would without predictions (its budget), except where
+        # the prediction's expected run beats any proposal it could make (at most γ): its
+        # pass is then saved, and it only takes in the context.
+        base_inputs = [replace(x, wants_proposal=False)
+                       if x.prediction is not None and (x.max_draft_tokens == 0
+                                                        or expected_run(m) >= self.base.num_draft_tokens)
+                       else x for x, m in zip(inputs, mine)]
+        out = [replace(p, source=p.source or self.base.name) for p in self.base.propose(base_inputs)]
+        return [m if expected_run(m) > expected_run(p) else p for m, p in zip(mine, out)]
 
     def _propose_one(self, x: DraftInput) -> Proposal:
         assert x.prediction is not None

@@ -19,6 +19,7 @@ from collections import deque
 
 import numpy as np
 
+from scheduler.outputs import PREDICTION_SOURCE
 from scheduler.request import Request
 from scheduler.verify_planner import (
     StepsPerSecond,
@@ -79,6 +80,8 @@ class VerifyPolicy(ABC):
             n = len(r.draft_token_ids)
             if r.draft_confidences is None:
                 conf[i, :n] = self.acceptance_prior
+            elif r.draft_source == PREDICTION_SOURCE:  # its own running hit rate: no drafter calibration
+                conf[i, :n] = r.draft_confidences[:n]
             else:
                 conf[i, :n] = np.minimum(np.asarray(r.draft_confidences[:n]) * scale, 1.0)
         return conf
