@@ -30,6 +30,7 @@ from server.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from server.reasoning import enabled
 from server.serving import ServingContext, detokenize, plan_chat, plan_completion, respond, tokenize
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,8 @@ class ServerState:
             return
         name = self.config.served_model_name or info.model_name
         self.metrics.bind_model(name)
-        self.serving = ServingContext(self.engine, self.metrics, name, info.max_model_len)
+        reasoning = enabled(self.config.reasoning_parser, info.tokenizer.chat_template)
+        self.serving = ServingContext(self.engine, self.metrics, name, info.max_model_len, reasoning)
         logger.info("ready: serving model %r on %s (%s), max_model_len %d", name, info.device,
                     info.dtype, info.max_model_len)
 

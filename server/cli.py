@@ -16,6 +16,7 @@ from typing import Any
 from engine.config import CacheConfig, EngineConfig, SpeculativeConfig
 from scheduler import SchedulerConfig
 from server import envs
+from server.reasoning import PARSERS
 
 # Flags handled explicitly (positional in EngineConfig.from_options) or not meaningful as flags.
 _EXPLICIT = {"model", "device", "dtype", "cache", "scheduler", "speculative"}
@@ -93,7 +94,8 @@ def _serve(args: argparse.Namespace) -> int:
     config = ServerConfig(engine=engine_config(args), host=args.host, port=args.port,
                           api_key=args.api_key, served_model_name=args.served_model_name,
                           max_request_bytes=args.max_request_bytes,
-                          drain_timeout=args.drain_timeout, log_level=args.log_level)
+                          drain_timeout=args.drain_timeout, log_level=args.log_level,
+                          reasoning_parser=args.reasoning_parser)
     return serve(config)
 
 
@@ -152,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds running requests get to finish after SIGTERM")
     serve.add_argument("--log-level", default=envs.get("DSPARK_LOG_LEVEL"),
                        help="debug, info, warning, error")
+    serve.add_argument("--reasoning-parser", choices=PARSERS, default=envs.get("DSPARK_REASONING_PARSER"),
+                       help="return think blocks as reasoning_content: auto (when the chat template "
+                            "has them), think (always), none")
     add_engine_args(serve)
     serve.set_defaults(func=_serve)
 

@@ -17,3 +17,5 @@ class ServerConfig:
     # After SIGTERM, how long running requests may take before they are aborted.
     drain_timeout: float = 30.0
     log_level: str = "info"
+    # reasoning_content from think blocks: "auto" (when the chat template has them), "think", "none"
+    reasoning_parser: str = "auto"

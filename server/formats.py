@@ -28,6 +28,7 @@ from server.protocol import (
     TopLogprob,
     Usage,
 )
+from server.reasoning import ReasoningSplitter
 from server.tools import ToolPlan, parse
 
 
@@ -48,6 +49,8 @@ class Plan:
     # a stream's running text_offset of completions logprobs per choice (streamed tokens' length)
     logprob_offsets: dict[int, int] = field(default_factory=dict)
     tools: ToolPlan | None = None  # chat with tools: replies are parsed for calls
+    # models that think: each choice's reply split into reasoning_content and content
+    reasoning: dict[int, ReasoningSplitter] | None = None
     # with tools, a stream holds a choice's text while it may still be a call (choice -> text);
     # choices found to be plain content stream on (`streaming_content`)
     held: dict[int, str] = field(default_factory=dict)
@@ -165,22 +168,37 @@ class ChatFormat:
         return self._chunk(plan, [ChatChunkChoice(index=index, delta={"role": "assistant", "content": ""})])
 
     def delta(self, plan: Plan, out: RequestOutput, index: int) -> BaseModel | None:
+        delta: dict[str, str | list[dict]] = {}
         text = out.delta_text
+        if plan.reasoning is not None:
+            thought, text = plan.reasoning[index].feed(text)
+            if thought:
+                delta["reasoning_content"] = thought
         if plan.tools is not None and index not in plan.streaming_content:
             held = plan.held.get(index, "") + text
             start = held.lstrip()
             opener = plan.tools.call_opener
             if not start or opener.startswith(start) or start.startswith(opener):
                 plan.held[index] = held  # may still be a call: decided at the finish
-                return None
+                return self._chunk(plan, [ChatChunkChoice(index=index, delta=delta)]) if delta else None
             plan.streaming_content.add(index)  # plain content: what was held, then the rest
             plan.held.pop(index, None)
             text = held
-        return self._chunk(plan, [ChatChunkChoice(index=index, delta={"content": text},
+        if text or not delta:
+            delta["content"] = text
+        return self._chunk(plan, [ChatChunkChoice(index=index, delta=delta,
                                                   logprobs=chat_logprobs(plan, out.delta_logprobs))])
 
     def finish(self, plan: Plan, finish_reason: str | None, index: int) -> list[BaseModel]:
         chunks = []
+        if plan.reasoning is not None:
+            thought, rest = plan.reasoning[index].flush()
+            if thought:
+                chunks.append(self._chunk(plan, [ChatChunkChoice(index=index, delta={"reasoning_content": thought})]))
+            if rest and plan.tools is not None and index not in plan.streaming_content:
+                plan.held[index] = plan.held.get(index, "") + rest
+            elif rest:
+                chunks.append(self._chunk(plan, [ChatChunkChoice(index=index, delta={"content": rest})]))
         if plan.tools is not None and index in plan.held:
             content, calls = parse(plan.tools, plan.held.pop(index))
             delta: dict = {"content": content} if content else {}
@@ -198,8 +216,10 @@ class ChatFormat:
     def complete(self, plan: Plan, outs: list[RequestOutput]) -> BaseModel:
         choices = []
         for i, out in enumerate(outs):
-            content, calls = (out.text, []) if plan.tools is None else parse(plan.tools, out.text)
-            choices.append(ChatChoice(index=i, message=AssistantMessage(content=content, tool_calls=calls or None),
+            thought, text = (None, out.text) if plan.reasoning is None else plan.reasoning[i].split(out.text)
+            content, calls = (text, []) if plan.tools is None else parse(plan.tools, text)
+            message = AssistantMessage(content=content, reasoning_content=thought, tool_calls=calls or None)
+            choices.append(ChatChoice(index=i, message=message,
                                       logprobs=chat_logprobs(plan, out.logprobs),
                                       finish_reason="tool_calls" if calls else out.finish_reason))
         return ChatCompletionResponse(id=plan.req_id, created=plan.created, model=plan.model,

@@ -30,6 +30,7 @@ from server.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from server.reasoning import ReasoningSplitter, opens_in_prompt
 from server.streaming import sse_events
 from server.tools import constraint, history_calls, render, tool_plan
 
@@ -46,6 +47,7 @@ class ServingContext:
     metrics: Metrics
     model_name: str  # the served name clients must pass as `model`
     max_model_len: int
+    reasoning: bool = False  # split think blocks into reasoning_content (server/reasoning.py)
 
 
 class ClientDisconnected(Exception):
@@ -84,6 +86,9 @@ async def plan_chat(body: ChatCompletionRequest, ctx: ServingContext) -> Plan:
     prompt_ids = await asyncio.to_thread(tokenizer.encode_chat, messages, **template_vars)
     plan = _plan(body, ctx, f"chatcmpl-{uuid.uuid4().hex}", prompt_ids, "messages",
                  top if body.logprobs else None)
+    if ctx.reasoning:
+        inside = opens_in_prompt(tokenizer.decode(prompt_ids[-16:]))
+        plan.reasoning = {i: ReasoningSplitter(thinking=inside) for i in range(plan.n)}
     if tools is not None:
         plan.tools = tools
         if (forced := constraint(tools)) is not None:
