@@ -138,6 +138,19 @@ class _InterruptAfter:
         pass
 
 
+def _generate_interrupted_after(cfg, num_responses: int) -> None:
+    """Run data generation and kill it after `num_responses` responses."""
+    from draft.training import data as data_mod
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(data_mod, "tqdm", _InterruptAfter(num_responses))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            data_mod.generate(cfg)
+    finally:
+        mp.undo()
+
+
 @pytest.fixture(scope="module")
 def tiny_rows(tiny_model_dir, tmp_path_factory):
     """Tiny data generation (turn by turn, a temperature mix), interrupted and resumed."""
@@ -149,13 +162,7 @@ def tiny_rows(tiny_model_dir, tmp_path_factory):
     cfg = data_mod.DataConfig((str(prompts),), str(root / "data"), model=str(tiny_model_dir),
                               dtype="float32", max_new_tokens=12, temperatures=(0.0, 1.0),
                               heldout_fraction=0.34, batch_size=3)
-    mp = pytest.MonkeyPatch()
-    mp.setattr(data_mod, "tqdm", _InterruptAfter(4))
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            data_mod.generate(cfg)
-    finally:
-        mp.undo()
+    _generate_interrupted_after(cfg, 4)
     assert len(data_mod.read_responses(root / "data")) == 4
     data_mod.generate(cfg)  # resumes: the unanswered turns only
     rows = data_mod.read_responses(root / "data")
@@ -205,13 +212,7 @@ def test_data_packs_as_it_goes_so_a_lost_data_dir_resumes_from_the_pack(tiny_mod
     cfg = data_mod.DataConfig((str(prompts),), str(tmp_path / "data"), model=str(tiny_model_dir),
                               dtype="float32", max_new_tokens=12, temperatures=(0.0,), batch_size=3,
                               resume_from=str(packed), pack_every_tokens=1)
-    mp = pytest.MonkeyPatch()
-    mp.setattr(data_mod, "tqdm", _InterruptAfter(4))
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            data_mod.generate(cfg)
-    finally:
-        mp.undo()
+    _generate_interrupted_after(cfg, 4)
     first = {r["key"]: r["response_ids"] for r in unpack(packed)}
     assert len(first) == 3  # packed after each of the three responses before the interruption
     shutil.rmtree(tmp_path / "data")  # the machine is gone; only the committed pack is left
