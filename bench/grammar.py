@@ -8,6 +8,8 @@ matchers that walk a valid response (each library's batched / parallel call) plu
 them by one token; and the masks of every verify row of a speculative step (γ drafts
 per request, the grammar state advanced along them). Medians over the response's tokens and
 `--rounds` (p90 and max too: some grammar states cost far more); a plot of mask time per step against the batch size.
+Last, whole engine steps of the default model at each batch size with every request constrained
+by the schema vs unconstrained: the overhead structured outputs add to a decoding step.
 """
 
 import argparse
@@ -160,6 +162,41 @@ def plot(result: dict, path) -> None:
     fig.savefig(path)
 
 
+def bench_engine_steps(sizes: list[int], rounds: int, max_tokens: int = 24) -> dict:
+    """Whole engine steps (default model, plain decoding) with every request constrained by the
+    schema vs the same requests unconstrained: median wall time of the steps in which all `c`
+    requests decode, and the overhead the grammar adds to a step."""
+    from engine import LLM, SamplingParams
+    from scheduler import StructuredOutput
+
+    llm = LLM(device="cpu")
+    eng = llm.engine
+    prompt = llm.encode_chat([{"role": "user", "content": "Describe a person as JSON."}])
+    structured = StructuredOutput("json_schema", json.dumps(SCHEMA))
+    out: dict = {}
+    for c in sizes:
+        medians = {}
+        for name, constraint in (("unconstrained", None), ("json_schema", structured)):
+            times = []
+            for _ in range(rounds):
+                for _ in range(c):
+                    eng.add_request(prompt, SamplingParams(max_tokens=max_tokens, temperature=1.0,
+                                                           ignore_eos=constraint is None, structured=constraint))
+                while eng.has_unfinished():
+                    t0 = time.perf_counter()
+                    eng.step()
+                    dt = time.perf_counter() - t0
+                    stats = eng.last_step
+                    if stats is not None and stats.num_running == c and stats.num_scheduled_tokens == c:
+                        times.append(dt)
+            medians[name] = 1e3 * median(times)
+        out[str(c)] = {**{f"{k}_step_ms": v for k, v in medians.items()},
+                       "overhead_ms": medians["json_schema"] - medians["unconstrained"],
+                       "overhead_ratio": medians["json_schema"] / medians["unconstrained"]}
+    eng.close()
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dspark bench grammar")
     p.add_argument("--batch-sizes", default="1,8,32")
@@ -181,10 +218,12 @@ def main(argv: list[str] | None = None) -> int:
                   "xgrammar": bench_xgrammar(tokenizer, vocab_size, tokens, sizes, args.rounds,
                                              args.num_draft_tokens),
                   "llguidance": bench_llguidance(tokenizer, vocab_size, tokens, sizes, args.rounds,
-                                                 args.num_draft_tokens)}}
+                                                 args.num_draft_tokens)},
+              "engine_steps": bench_engine_steps(sizes, args.rounds)}
     path = save_result("grammar", result, args.out)
     plot(result, with_ext(path, ".png"))
     print(json.dumps(result["engines"], indent=1))
+    print(json.dumps(result["engine_steps"], indent=1))
     print(f"saved {path}")
     return 0
 
