@@ -14,6 +14,7 @@ from engine.async_engine import EngineStats
 from engine.llm_engine import StepStats
 from engine.output_processor import RequestOutput
 from scheduler import CapacityExceeded, InvalidRequest
+from scheduler.outputs import PREDICTION_SOURCE
 
 FINISH_REASONS = ("stop", "length", "abort")
 
@@ -113,6 +114,8 @@ class Metrics:
                        self.spec_accepted_len, self.spec_verify_per_req, self.spec_expected,
                        self.spec_capacity, self.draft_time, self.verify_time):
             metric.labels(model_name)
+        for counter in (self.spec_source_verify, self.spec_source_accepted):
+            counter.labels(model_name, PREDICTION_SOURCE)  # drafters' sources appear as they draft
         for reason in FINISH_REASONS:
             self.request_success.labels(model_name, reason)
         for status in ERROR_STATUSES:
