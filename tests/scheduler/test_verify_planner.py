@@ -162,6 +162,20 @@ def test_policies_rescale_overconfident_drafters_online():
     assert abs(honest.confidence_scale - 1.0) < 0.15
 
 
+def test_prediction_confidences_are_not_rescaled_by_the_drafters_calibration():
+    """A prediction's confidence is its own running hit rate: a badly calibrated drafter's
+    scale leaves it as it is, while the drafter's own confidences are scaled down."""
+    from scheduler.outputs import PREDICTION_SOURCE
+
+    policy = ScheduledVerify(knee_sps)
+    for i in range(200):
+        policy.observe(7, int(i % 33 == 0), [0.9] * 7)
+    drafter, predicted = _decoding_request([0.9] * 7), _decoding_request([0.9] * 7)
+    predicted.draft_source = PREDICTION_SOURCE
+    conf = policy.confidences([drafter, predicted])
+    assert (conf[0] < 0.1).all() and (conf[1] == 0.9).all()
+
+
 def test_capacity_charges_drafting_time():
     """A drafter pass that costs as much as the gain it brings makes K = 0 (the drafter rests)."""
     a = survival(np.full((4, 7), 0.5))
