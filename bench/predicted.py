@@ -17,12 +17,12 @@ combined with the prediction). A bar plot of the speedups.
 
 import argparse
 import re
-import time
 from typing import Any
 
 from tqdm import tqdm
 
 from bench.common import SHARED_PROMPTS, load_turns, median, save_result, with_ext
+from bench.spec import run_one as spec_run_one
 from engine import LLM, SamplingParams
 
 CASES = ("none", "prediction", "wrong")
@@ -43,25 +43,12 @@ def code_edits(n: int) -> list[tuple[str, str]]:
 
 
 def run_one(llm: LLM, prompt: list[int], params: SamplingParams) -> dict[str, Any]:
-    eng = llm.engine
-    t0 = time.perf_counter()
-    eng.add_request(prompt, params)
-    forwards, out, first = 0, None, None
-    while eng.has_unfinished():
-        outs = eng.step()
-        forwards += 1
-        if first is None and outs:
-            first = time.perf_counter()
-        out = next((o for o in outs if o.finished), out)
-    end = time.perf_counter()
-    assert out is not None and first is not None
-    n = len(out.token_ids)
-    # per-user tok/s as dspark:request_output_tokens_per_second counts it: tokens after the first
-    # over the time after the first (the prefill is the TTFT, the same with or without)
-    return {"tokens": n, "forwards": forwards, "tokens_per_forward": n / max(1, forwards - 1),
-            "tok_s": (n - 1) / max(end - first, 1e-9), "e2e_tok_s": n / (end - t0), "ttft_s": first - t0,
-            "accepted_prediction_tokens": out.num_prediction_accepted_tokens,
-            "rejected_prediction_tokens": out.num_prediction_rejected_tokens, "token_ids": out.token_ids}
+    """`bench spec`'s single-request run; per-user tok/s is the decode speed (after the first
+    token, as dspark:request_output_tokens_per_second: the prefill is the TTFT, the same with
+    or without a prediction), end-to-end tok/s includes the prefill."""
+    r = spec_run_one(llm, prompt, params)
+    return {**{k: v for k, v in r.items() if k not in ("tok_s", "decode_tok_s", "acceptance")},
+            "tok_s": r["decode_tok_s"], "e2e_tok_s": r["tok_s"]}
 
 
 def bench_engine(llm: LLM, edits: list[tuple[str, str]], max_new_tokens: int, bar: tqdm) -> dict[str, Any]:

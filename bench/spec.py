@@ -29,22 +29,29 @@ def chat_prompts(n: int) -> list[str]:
     return load_turns(SHARED_PROMPTS / "eval" / "chat_mt_bench.jsonl", n)
 
 
-def run_one(llm: LLM, prompt: list[int], params: SamplingParams) -> dict[str, float]:
+def run_one(llm: LLM, prompt: list[int], params: SamplingParams) -> dict[str, Any]:
+    """One request alone on the engine. `tok_s` counts all output tokens over the wall time
+    (prefill included); `decode_tok_s` the tokens after the first over the time after it (as
+    dspark:request_output_tokens_per_second)."""
     eng = llm.engine
     t0 = time.perf_counter()
     eng.add_request(prompt, params)
-    forwards, out = 0, None
+    forwards, out, first = 0, None, None
     while eng.has_unfinished():
         outs = eng.step()
         forwards += 1
+        if first is None and outs:
+            first = time.perf_counter()
         out = next((o for o in outs if o.finished), out)
-    wall = time.perf_counter() - t0
-    assert out is not None
+    end = time.perf_counter()
+    assert out is not None and first is not None
     n = len(out.token_ids)
     # the first forward is the prefill; decoding forwards commit the rest
     return {"tokens": n, "forwards": forwards, "tokens_per_forward": n / max(1, forwards - 1),
-            "tok_s": n / wall, "acceptance": out.num_accepted_tokens / max(1, out.num_draft_tokens),
-            "token_ids": out.token_ids}
+            "tok_s": n / (end - t0), "decode_tok_s": (n - 1) / max(end - first, 1e-9), "ttft_s": first - t0,
+            "acceptance": out.num_accepted_tokens / max(1, out.num_draft_tokens),
+            "accepted_prediction_tokens": out.num_prediction_accepted_tokens,
+            "rejected_prediction_tokens": out.num_prediction_rejected_tokens, "token_ids": out.token_ids}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,13 +14,7 @@ import numpy as np
 
 from scheduler.block_manager import BlockManager
 from scheduler.errors import CapacityExceeded
-from scheduler.outputs import (
-    PREDICTION_SOURCE,
-    ModelRunnerOutput,
-    RequestUpdate,
-    ScheduledRequest,
-    SchedulerOutput,
-)
+from scheduler.outputs import ModelRunnerOutput, RequestUpdate, ScheduledRequest, SchedulerOutput
 from scheduler.request import Request, RequestStatus
 from scheduler.verify_planner import StepsPerSecond, survival
 from scheduler.verify_policy import make_verify_policy
@@ -186,10 +180,8 @@ class Scheduler:
             verified_source = req.draft_source if sched.num_draft_tokens else ""
             req.num_computed_tokens += sched.num_tokens - (sched.num_draft_tokens - num_accepted)
             if sched.num_draft_tokens:
-                # a prediction's confidences are its own running hit rate, not the drafter's
-                # calibration: they must not rescale the drafter's
-                confidences = req.draft_confidences if req.draft_source != PREDICTION_SOURCE else None
-                self.verify_policy.observe(sched.num_draft_tokens, num_accepted, confidences)
+                self.verify_policy.observe(sched.num_draft_tokens, num_accepted, req.draft_confidences,
+                                           req.draft_source)
                 req.num_spec_rounds += 1
                 req.num_draft_tokens_verified += sched.num_draft_tokens
                 req.num_accepted_tokens += num_accepted

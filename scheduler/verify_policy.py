@@ -53,12 +53,14 @@ class VerifyPolicy(ABC):
     def observe_draft_seconds(self, seconds: float) -> None:
         """Time of a step's drafting pass (policies that weigh it override this)."""
 
-    def observe(self, num_verified: int, num_accepted: int, confidences: list[float] | None) -> None:
-        """One request's verification: `confidences` are the drafter's (raw) ones of the draft."""
+    def observe(self, num_verified: int, num_accepted: int, confidences: list[float] | None,
+                source: str = "") -> None:
+        """One request's verification: `confidences` are the (raw) ones of the draft, `source`
+        what proposed it."""
         if not num_verified:
             return
         self.acceptance_prior = 0.9 * self.acceptance_prior + 0.1 * num_accepted / num_verified
-        if confidences is not None:
+        if confidences is not None and _drafter_calibrated(source):
             d = self.recalibration_decay
             self._realised = d * self._realised + num_accepted
             self._expected = d * self._expected + float(np.cumprod(confidences[:num_verified]).sum())
@@ -80,11 +82,17 @@ class VerifyPolicy(ABC):
             n = len(r.draft_token_ids)
             if r.draft_confidences is None:
                 conf[i, :n] = self.acceptance_prior
-            elif r.draft_source == PREDICTION_SOURCE:  # its own running hit rate: no drafter calibration
+            elif not _drafter_calibrated(r.draft_source):
                 conf[i, :n] = r.draft_confidences[:n]
             else:
                 conf[i, :n] = np.minimum(np.asarray(r.draft_confidences[:n]) * scale, 1.0)
         return conf
+
+
+def _drafter_calibrated(source: str) -> bool:
+    """Whether confidences of this source are the drafter's calibrated ones, which the online
+    recalibration measures and rescales; a prediction's are its own running hit rate."""
+    return source != PREDICTION_SOURCE
 
 
 class FixedVerify(VerifyPolicy):
