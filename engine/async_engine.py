@@ -60,6 +60,7 @@ class _Add:
     params: SamplingParams
     arrival_time: float
     prompt_parent: str | None = None
+    cache_salt: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +177,8 @@ class AsyncLLM:
 
     async def generate(self, prompt: str | list[int], params: SamplingParams, req_id: str,
                        arrival_time: float | None = None,
-                       prompt_parent: str | None = None) -> AsyncIterator[RequestOutput]:
+                       prompt_parent: str | None = None,
+                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its outputs until it finishes.
 
         Errors of `add_request` (InvalidRequest, CapacityExceeded) are raised from the first
@@ -190,7 +192,8 @@ class AsyncLLM:
         stream: asyncio.Queue[_StreamItem] = asyncio.Queue()
         self._streams[req_id] = stream
         self._idle.clear()
-        self._commands.put(_Add(req_id, prompt, params, arrival_time or time.monotonic(), prompt_parent))
+        self._commands.put(_Add(req_id, prompt, params, arrival_time or time.monotonic(), prompt_parent,
+                                cache_salt))
         finished = False
         try:
             while True:
@@ -278,7 +281,8 @@ class AsyncLLM:
                 engine.abort_request(cmd.req_id)
                 continue
             try:
-                engine.add_request(cmd.prompt, cmd.params, cmd.req_id, cmd.arrival_time, cmd.prompt_parent)
+                engine.add_request(cmd.prompt, cmd.params, cmd.req_id, cmd.arrival_time, cmd.prompt_parent,
+                                   cmd.cache_salt)
             except Exception as e:  # noqa: BLE001
                 batch.append((cmd.req_id, e))  # a refusal fails its own stream, not the loop
         return True

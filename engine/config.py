@@ -40,6 +40,8 @@ class CacheConfig:
     # KV memory budget on CPU; on CUDA the free memory times `gpu_memory_utilization`.
     kv_cache_bytes: int = 1 << 30
     gpu_memory_utilization: float = 0.85
+    # Reuse the KV of full blocks of tokens earlier requests computed (scheduler/block_manager.py).
+    enable_prefix_caching: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -85,7 +85,7 @@ class LLMEngine:
         capacity = num_blocks * block_size
         self.max_model_len = min(config.max_model_len or ckpt.arch.max_position_embeddings,
                                  ckpt.arch.max_position_embeddings, capacity)
-        self.block_manager = BlockManager(num_blocks, block_size)
+        self.block_manager = BlockManager(num_blocks, block_size, config.cache.enable_prefix_caching)
         spec = config.speculative
         if drafter is None and spec.draft:
             drafter = make_drafter(spec.draft, spec.num_draft_tokens, self._target_handle())
@@ -142,11 +142,12 @@ class LLMEngine:
 
     def add_request(self, prompt: str | list[int], params: SamplingParams,
                     req_id: str | None = None, arrival_time: float | None = None,
-                    prompt_parent: str | None = None) -> str:
+                    prompt_parent: str | None = None, cache_salt: str | None = None) -> str:
         """Validate, tokenise and queue a request; returns its id. Raises InvalidRequest.
 
         `prompt_parent`: an earlier request of the same prompt (n > 1) whose prompt KV this
-        one shares when both are still to be prefilled; otherwise it prefills on its own."""
+        one shares when both are still to be prefilled; otherwise it prefills on its own.
+        `cache_salt`: only requests with the same salt share prefix-cache blocks."""
         prompt_ids = self.tokenize_prompt(prompt)
         req_id = req_id if req_id is not None else f"req-{next(self._ids)}"
         self.validate_lengths(len(prompt_ids), params)
@@ -158,7 +159,8 @@ class LLMEngine:
             # between steps, so no forward sees it change)
             self.runner.drafter = PredictionDrafter(None)
         req = Request(req_id, prompt_ids, params, eos_token_ids=self.tokenizer.eos_token_ids,
-                      max_model_len=self.max_model_len, prompt_parent=prompt_parent)
+                      max_model_len=self.max_model_len, prompt_parent=prompt_parent,
+                      cache_salt=cache_salt)
         if arrival_time is not None:
             req.arrival_time = arrival_time
         self.scheduler.add_request(req)

@@ -32,6 +32,7 @@ class RequestOutput:
     # Predicted Outputs: the prediction's draft tokens verified and accepted / rejected
     num_prediction_accepted_tokens: int = 0
     num_prediction_rejected_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     # one per token of `token_ids` / `delta_token_ids`, when the request asked for logprobs
     logprobs: list[TokenLogprob] | None = None
     delta_logprobs: list[TokenLogprob] | None = None
@@ -60,6 +61,7 @@ class _RequestState:
     num_accepted_tokens: int = 0
     num_prediction_accepted_tokens: int = 0
     num_prediction_rejected_tokens: int = 0
+    num_cached_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
 
@@ -87,6 +89,7 @@ class OutputProcessor:
         now = time.monotonic()
         if update.new_token_ids and st.first_token_time is None:
             st.first_token_time = now
+        st.num_cached_tokens = update.num_cached_tokens
         if update.prompt_logprobs is not None:
             st.prompt_logprobs = update.prompt_logprobs
         if update.num_draft_tokens:
@@ -134,6 +137,7 @@ class OutputProcessor:
             num_accepted_tokens=st.num_accepted_tokens,
             num_prediction_accepted_tokens=st.num_prediction_accepted_tokens,
             num_prediction_rejected_tokens=st.num_prediction_rejected_tokens,
+            num_cached_tokens=st.num_cached_tokens,
             logprobs=None if st.logprobs is None else list(st.logprobs), delta_logprobs=delta_logprobs,
             prompt_logprobs=st.prompt_logprobs,
         )

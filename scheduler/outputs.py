@@ -106,3 +106,4 @@ class RequestUpdate:
     # with the first new token of a request that asked: one per prompt token (the first None)
     prompt_logprobs: list[TokenLogprob | None] | None = None
     draft_source: str = ""  # what proposed the drafts verified this step
+    num_cached_tokens: int = 0  # prompt tokens its first admission found in the prefix cache

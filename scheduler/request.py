@@ -51,6 +51,11 @@ class Request:
     num_accepted_tokens: int = 0
     # n > 1: the request whose prompt KV this one shares (the first choice of the same prompt)
     prompt_parent: str | None = None
+    # Prefix caching: tenants with different salts never share cached blocks.
+    cache_salt: str | None = None
+    block_hashes: list[bytes] = field(default_factory=list)  # keys of its full blocks so far
+    num_cached_blocks: int = 0  # leading blocks of `block_table` already offered to the cache
+    num_cached_tokens: int = 0  # prompt tokens its first admission found in the cache
     # params.prompt_logprobs: one entry per prompt token, filled as prefill chunks run (the
     # first token has none); handed out with the first output token.
     prompt_logprobs: list[TokenLogprob | None] | None = field(init=False)

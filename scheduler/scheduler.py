@@ -135,13 +135,23 @@ class Scheduler:
         while (self.waiting and budget > 0 and not preempted
                and len(self.running) < self.config.max_num_seqs):
             req = self.waiting[0]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            # a forked choice holds its shared blocks; anyone else may find a cached prefix
+            hit = [] if req.block_table else self.block_manager.cached_prefix(req)
+            start = req.num_computed_tokens + len(hit) * self.block_manager.block_size
+            num_new = min(req.num_tokens - start, budget)
             # Keep one free block per running request so decodes can grow without thrashing.
-            end = req.num_computed_tokens + num_new  # a forked choice holds its shared blocks
-            if not self.block_manager.can_allocate(req, end, reserve=len(self.running)):
+            reserve = len(self.running)
+            if req.block_table:
+                if not self.block_manager.can_allocate(req, start + num_new, reserve):
+                    break
+            elif self.block_manager.can_take(req, hit, start + num_new, reserve):
+                req.num_computed_tokens = self.block_manager.take(req, hit)
+                if req.first_scheduled_time is None:
+                    req.num_cached_tokens = req.num_computed_tokens
+            else:
                 break
             self.waiting.popleft()
-            self.block_manager.allocate(req, end)
+            self.block_manager.allocate(req, start + num_new)
             req.status = RequestStatus.RUNNING
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = time.monotonic()
@@ -179,6 +189,7 @@ class Scheduler:
             num_accepted = len(sampled) - 1 if sched.num_draft_tokens else 0
             verified_source = req.draft_source if sched.num_draft_tokens else ""
             req.num_computed_tokens += sched.num_tokens - (sched.num_draft_tokens - num_accepted)
+            self.block_manager.cache_blocks(req)
             if sched.num_draft_tokens:
                 self.verify_policy.observe(sched.num_draft_tokens, num_accepted, req.draft_confidences,
                                            req.draft_source)
@@ -208,7 +219,7 @@ class Scheduler:
                                              req.num_prompt_tokens, sched.num_draft_tokens, num_accepted,
                                              None if logprobs is None else logprobs[:len(new_ids)],
                                              req.prompt_logprobs if first_output else None,
-                                             verified_source))
+                                             verified_source, req.num_cached_tokens))
         return updates
 
     # ---- helpers ----------------------------------------------------------------------

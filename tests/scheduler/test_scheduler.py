@@ -18,10 +18,13 @@ TokenFn = Callable[[ScheduledRequest, int], "int | list[int]"]
 
 
 def make_sched(num_blocks: int = 64, block_size: int = 4, max_num_seqs: int = 64,
-               max_num_batched_tokens: int = 512, max_waiting: int = 0) -> Scheduler:
+               max_num_batched_tokens: int = 512, max_waiting: int = 0,
+               prefix_caching: bool = False) -> Scheduler:
+    """Prefix caching off by default: these tests' prompts repeat, and they check the shapes
+    of steps without sharing (tests/scheduler/test_prefix_cache.py covers it on)."""
     cfg = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                           max_waiting=max_waiting)
-    return Scheduler(cfg, BlockManager(num_blocks, block_size))
+    return Scheduler(cfg, BlockManager(num_blocks, block_size, prefix_caching))
 
 
 def make_req(req_id: str, n_prompt: int, max_tokens: int = 16, eos: tuple[int, ...] = (),
