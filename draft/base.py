@@ -7,6 +7,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from draft.context import PagedContext
+
 
 @dataclass(slots=True)
 class TargetHandle:
@@ -45,6 +47,9 @@ class DraftInput:
     drafter draws draft k with the same race, or its drafts are rarely accepted.
     `prediction`: token ids of the text the request expects back (Predicted Outputs), a
     draft source of its own (draft/prediction.py).
+    `block_table`: the request's KV blocks, where a learned drafter pages its own context
+    (draft/context.py); positions before the first features it ever sees for a request (a
+    prefix-cache hit, a forked prompt) already hold it.
     """
 
     req_id: str
@@ -57,6 +62,7 @@ class DraftInput:
     seed: int | None = None
     num_output_tokens: int = 0
     prediction: list[int] | None = None
+    block_table: list[int] | None = None
 
 
 @dataclass(slots=True)
@@ -101,6 +107,13 @@ class Drafter(ABC):
     def free(self, req_id: str) -> None:
         """Forget a finished or preempted request."""
 
+    def context_bytes_per_token(self) -> int:
+        """Bytes of paged context per position (the engine sizes the KV pool with them)."""
+        return 0
+
+    def bind_context(self, num_blocks: int, block_size: int) -> None:
+        """Allocate the paged context for the engine's KV blocks (drafters with context)."""
+
     def num_positions(self, inputs: list[DraftInput]) -> int:
         """Draft positions a batched proposal needs: γ, or less when every input asks less."""
         asked = [x.max_draft_tokens for x in inputs]
@@ -133,15 +146,16 @@ class _HeldContext:
 
 
 class LearnedDrafter(Drafter):
-    """A drafter backed by a trained model that reads target features: per-request context
-    caches (dropped by `free`) and a seeded generator for draft sampling.
+    """A drafter backed by a trained model that reads target features: context paged in the
+    target's KV blocks (`PagedContext`, `context_width` values per position) and a seeded
+    generator for draft sampling.
 
-    Context is extended lazily: a request that does not draft this step only holds on to its
-    new features, and they become context K/V the next time it drafts (or once
-    `MAX_HELD_ROWS` pile up). While the scheduler rests the drafter, a step then costs what
-    plain decoding costs, not a drafter forward over every committed token."""
-
-    MAX_HELD_ROWS = 256
+    Context is extended lazily: a request that does not draft this step holds on to its new
+    features and turns them into context only once they fill a KV block (or when it drafts).
+    Every full block of committed tokens therefore holds its context by the end of the step
+    that filled it, which is when the scheduler offers it to the prefix cache; while the
+    scheduler rests the drafter, a step costs plain decoding plus one context pass per 16
+    tokens of each request (block size 16)."""
 
     def __init__(self, model: nn.Module, name: str, num_draft_tokens: int,
                  target_layers: tuple[int, ...], device: torch.device, seed: int = 0) -> None:
@@ -150,16 +164,32 @@ class LearnedDrafter(Drafter):
         self.gives_confidences = getattr(model, "confidence", None) is not None
         self.num_draft_tokens = num_draft_tokens
         self.target_layers = tuple(target_layers)
-        self.caches: dict[str, object] = {}
         self.held: dict[str, _HeldContext] = {}
+        self.context: PagedContext | None = None
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
+    @property
+    @abstractmethod
+    def context_width(self) -> int:
+        """Values per position of the paged context."""
+
+    @property
+    def context_dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def context_bytes_per_token(self) -> int:
+        return PagedContext.bytes_per_token(self.context_width, self.context_dtype)
+
+    def bind_context(self, num_blocks: int, block_size: int) -> None:
+        self.context = PagedContext(num_blocks, block_size, self.context_width, self.context_dtype,
+                                    next(self.model.parameters()).device)
+
     def free(self, req_id: str) -> None:
-        self.caches.pop(req_id, None)
         self.held.pop(req_id, None)
 
     @torch.inference_mode()
     def propose(self, inputs: list[DraftInput]) -> list[Proposal]:
+        assert self.context is not None, "bind_context first (the engine does)"
         drafting = [i for i, x in enumerate(inputs) if x.wants_proposal and self.num_draft_tokens > 0]
         wants = set(drafting)
         taken = [self._take_context(x, i in wants) for i, x in enumerate(inputs)]
@@ -176,8 +206,10 @@ class LearnedDrafter(Drafter):
         return out
 
     def _take_context(self, x: DraftInput, drafting: bool) -> DraftInput | None:
-        """Merge this step's features into what the request holds; when it drafts now (or
-        holds too much), return an input carrying all held features for `_extend_context`."""
+        """Merge this step's features into what the request holds; return an input carrying
+        the held features to turn into context now (for `_extend_context`): all of them when
+        it drafts, else those of its full blocks."""
+        assert x.block_table is not None, "a learned drafter pages its context in the request's blocks"
         f = x.context_features
         held = self.held.get(x.req_id)
         if f is not None and f.shape[0]:
@@ -187,18 +219,26 @@ class LearnedDrafter(Drafter):
             assert start <= held.end, "context features skipped positions"
             held.truncate(start)
             held.rows.append(f if drafting else f.clone())  # a view would pin the step's tensor
-        if held is None or not (drafting or held.end - held.start >= self.MAX_HELD_ROWS):
+        if held is None:
             return None
-        del self.held[x.req_id]
         assert held.end == x.num_computed_tokens, "held context does not reach the computed tokens"
-        return replace(x, context_features=torch.cat(held.rows))
+        assert self.context is not None
+        end = held.end if drafting else held.end // self.context.block_size * self.context.block_size
+        if end <= held.start:
+            return None
+        rows = torch.cat(held.rows)
+        cut = end - held.start
+        if cut < rows.shape[0]:
+            self.held[x.req_id] = _HeldContext(end, [rows[cut:]])
+        else:
+            del self.held[x.req_id]
+        return replace(x, context_features=rows[:cut], num_computed_tokens=end)
 
     @abstractmethod
     def _extend_context(self, inputs: list[DraftInput]) -> None:
-        """Cache the context features each input carries (positions num_computed_tokens - m ..
-        num_computed_tokens - 1)."""
+        """Write the context of the features each input carries (positions
+        num_computed_tokens - m .. num_computed_tokens - 1) into `self.context`."""
 
     @abstractmethod
     def _draft(self, inputs: list[DraftInput]) -> list[Proposal]:
-        """One proposal per input; every input wants one; its context is cached up to
-        `num_computed_tokens`."""
+        """Propose for inputs whose context now covers all num_computed_tokens positions."""

@@ -353,26 +353,6 @@ class DSparkModel(nn.Module):
         return logits, self.confidence_logits(h, prev_ids)
 
 
-class _ContextCache:
-    """Per-request context K/V of every draft layer, grown by doubling, truncated on rollback."""
-
-    def __init__(self, num_layers: int, nkv: int, hd: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.kv = torch.empty(num_layers, 2, 64, nkv, hd, dtype=dtype, device=device)
-        self.length = 0
-        self.last_features: torch.Tensor | None = None  # raw features of position length-1
-
-    def append(self, start: int, kv: torch.Tensor) -> None:
-        """kv [layers, 2, m, Hkv, D] for positions start..start+m-1; later ones are dropped."""
-        assert start <= self.length, "context features skipped positions"
-        end = start + kv.shape[2]
-        if end > self.kv.shape[2]:
-            grown = self.kv.new_empty(*self.kv.shape[:2], max(end, 2 * self.kv.shape[2]), *self.kv.shape[3:])
-            grown[:, :, :start] = self.kv[:, :, :start]
-            self.kv = grown
-        self.kv[:, :, start:end] = kv
-        self.length = end
-
-
 class DSparkDrafter(LearnedDrafter):
     """The engine-facing drafter: one backbone pass per step for all proposing requests, then
     the sequential head samples left to right.
@@ -392,50 +372,54 @@ class DSparkDrafter(LearnedDrafter):
         ids = model.draft_vocab
         self.lm_head = draft_vocab_head(model.target.lm_head.weight, ids)
         self.head_out = draft_vocab_head(model.head.out.weight, ids) if model.head is not None else None
+        # MTP: the target's last hidden state at the position before the anchor
+        self.last_features: dict[str, torch.Tensor] = {}
+
+    @property
+    def context_width(self) -> int:
+        cfg = self.model.config
+        return cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim  # each layer's context K and V
+
+    def free(self, req_id: str) -> None:
+        super().free(req_id)
+        self.last_features.pop(req_id, None)
 
     def _extend_context(self, inputs: list[DraftInput]) -> None:
         m = self.model
         with_feats = [x for x in inputs if x.context_features is not None and x.context_features.shape[0]]
         if not with_feats:
             return
+        assert self.context is not None
         feats = torch.cat([x.context_features for x in with_feats])  # [M, F]
-        positions = torch.cat([torch.arange(x.num_computed_tokens - x.context_features.shape[0],
-                                            x.num_computed_tokens) for x in with_feats]).to(feats.device)
+        spans = [(x.num_computed_tokens - x.context_features.shape[0], x.num_computed_tokens) for x in with_feats]
+        positions = torch.cat([torch.arange(a, b) for a, b in spans]).to(feats.device)
         context = m.project_context(feats)
-        kv = torch.stack([torch.stack(layer.context_kv(context, positions, m.rotary))
-                          for layer in m.layers])  # [layers, 2, M, Hkv, D]
-        start = 0
-        cfg = m.config
-        for x in with_feats:
-            n = x.context_features.shape[0]
-            cache = self.caches.get(x.req_id)
-            if cache is None:
-                cache = self.caches[x.req_id] = _ContextCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
-                                                              kv.dtype, kv.device)
-            cache.append(x.num_computed_tokens - n, kv[:, :, start:start + n])
-            cache.last_features = x.context_features[-1]
-            start += n
+        kv = torch.stack([torch.stack(layer.context_kv(context, positions, m.rotary), dim=1)
+                          for layer in m.layers], dim=1)  # [M, layers, 2, Hkv, D]
+        slots = torch.cat([self.context.slots(x.block_table, a, b) for x, (a, b) in zip(with_feats, spans)])
+        self.context.write(slots, kv.flatten(1))
+        if m.uses_prev_features:
+            for x in with_feats:
+                self.last_features[x.req_id] = x.context_features[-1]
 
     def _draft(self, inputs: list[DraftInput]) -> list[Proposal]:
         m, cfg = self.model, self.model.config
         gamma = self.num_draft_tokens
         device = m.mask_embedding.device
-        caches = [self.caches.get(x.req_id) for x in inputs]
-        lengths = [c.length if c is not None else 0 for c in caches]
-        for x, n in zip(inputs, lengths):
-            assert n == x.num_computed_tokens, f"{x.req_id}: context {n} != computed {x.num_computed_tokens}"
-        num, l_max = len(inputs), max(lengths)
+        assert self.context is not None
+        lengths = [x.num_computed_tokens for x in inputs]
+        num = len(inputs)
         anchors = torch.tensor([x.token_ids[-1] for x in inputs], device=device)
         pos0 = torch.tensor(lengths, device=device)
         q_pos = pos0[:, None] + torch.arange(gamma, device=device)  # [R, γ]
-        ctx_kv = m.mask_embedding.new_zeros(cfg.num_layers, 2, num, l_max, cfg.num_kv_heads, cfg.head_dim)
-        for r, c in enumerate(caches):
-            if c is not None and c.length:
-                ctx_kv[:, :, r, :c.length] = c.kv[:, :, :c.length]
+        gathered = self.context.gather([x.block_table for x in inputs], lengths)  # [R, L, width]
+        ctx_kv = gathered.view(num, gathered.shape[1], cfg.num_layers, 2, cfg.num_kv_heads, cfg.head_dim
+                               ).permute(2, 3, 0, 1, 4, 5)  # [layers, 2, R, L, Hkv, D]
+        l_max = gathered.shape[1]
         see_ctx = torch.arange(l_max, device=device)[None, :] < pos0[:, None]  # [R, L]
         mask = torch.cat([see_ctx[:, None, :].expand(-1, gamma, -1),
                           torch.ones(num, gamma, gamma, dtype=torch.bool, device=device)], dim=-1)[:, None]
-        prev_feats = torch.stack([c.last_features for c in caches]) if m.uses_prev_features else None
+        prev_feats = torch.stack([self.last_features[x.req_id] for x in inputs]) if m.uses_prev_features else None
         x = m.block_inputs(anchors, gamma, prev_feats)
         for i, layer in enumerate(m.layers):
             x = layer(x, q_pos, m.rotary, ctx_kv[i, 0], ctx_kv[i, 1], mask)

@@ -153,17 +153,6 @@ class Eagle3Model(nn.Module):
         return logits, conf, label_pos, mask
 
 
-class _Cache:
-    def __init__(self) -> None:
-        self.k: torch.Tensor | None = None  # [L, Hkv, D]
-        self.v: torch.Tensor | None = None
-        self.g_last: torch.Tensor | None = None  # fused feature of position L-1
-
-    @property
-    def length(self) -> int:
-        return 0 if self.k is None else self.k.shape[0]
-
-
 class Eagle3Drafter(LearnedDrafter):
     """γ autoregressive single-token steps per proposal (batched over requests); sampling as in
     DSparkDrafter: softmax(logits / T) with the request's temperature, argmax when greedy."""
@@ -174,44 +163,51 @@ class Eagle3Drafter(LearnedDrafter):
         prepack_linears(model)  # as the target's (a model trained further needs a new drafter)
         self.lm_head = draft_vocab_head(model.target.lm_head.weight, model.draft_vocab)
 
+    @property
+    def context_width(self) -> int:
+        m = self.model
+        return 2 * m.nkv * m.hd + m.config.hidden_size  # K, V and the fused feature g
+
+    def _split(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[..., width] -> K, V [..., Hkv, D] and g [..., h]."""
+        m = self.model
+        kv = m.nkv * m.hd
+        k, v, g = rows.split([kv, kv, rows.shape[-1] - 2 * kv], dim=-1)
+        return k.unflatten(-1, (m.nkv, m.hd)), v.unflatten(-1, (m.nkv, m.hd)), g
+
     def _extend_context(self, inputs: list[DraftInput]) -> None:
         m = self.model
+        assert self.context is not None
         for x in inputs:
             f = x.context_features
             if f is None or not f.shape[0]:
                 continue
             n = f.shape[0]
             start = x.num_computed_tokens - n
-            cache = self.caches.setdefault(x.req_id, _Cache())
-            assert start in (0, cache.length), "context features skipped positions"
-            if start == 0:
-                cache.k = cache.v = cache.g_last = None
             g = m.fc(f.to(m.fc.weight.dtype))  # [n, h]
-            first = cache.g_last[None] if cache.g_last is not None else torch.zeros_like(g[:1])
-            g_prev = torch.cat([first, g[:-1]])
+            # K/V at position p read g of p - 1, which an earlier step (or request) paged
+            first = self._split(self.context.read(x.block_table, start - 1))[2][None] if start else torch.zeros_like(g[:1])
+            g_prev = torch.cat([first.to(g.dtype), g[:-1]])
             ids = torch.tensor(x.token_ids[start:start + n], device=g.device)
             pos = torch.arange(start, start + n, device=g.device)
             _, k, v = m.qkv(m.layer_input(ids, g_prev), pos)
-            cache.k = k if cache.k is None else torch.cat([cache.k, k])
-            cache.v = v if cache.v is None else torch.cat([cache.v, v])
-            cache.g_last = g[-1]
+            self.context.write(self.context.slots(x.block_table, start, start + n),
+                               torch.cat([k.flatten(1), v.flatten(1), g], dim=-1))
 
     def _draft(self, inputs: list[DraftInput]) -> list[Proposal]:
         m = self.model
         gamma, num = self.num_draft_tokens, len(inputs)
-        caches = [self.caches[x.req_id] for x in inputs]
-        lengths = [c.length for c in caches]
-        for x, n in zip(inputs, lengths):
-            assert n == x.num_computed_tokens
+        assert self.context is not None
+        lengths = [x.num_computed_tokens for x in inputs]
         device = m.fc.weight.device
         l_max = max(lengths)
-        ks = m.fc.weight.new_zeros(num, l_max + gamma, m.nkv, m.hd)
-        vs = torch.zeros_like(ks)
-        for r, c in enumerate(caches):
-            ks[r, :c.length], vs[r, :c.length] = c.k, c.v
+        k_ctx, v_ctx, _ = self._split(self.context.gather([x.block_table for x in inputs], lengths))
+        extra = k_ctx.new_zeros(num, gamma, m.nkv, m.hd)
+        ks, vs = torch.cat([k_ctx, extra], dim=1), torch.cat([v_ctx, extra.clone()], dim=1)
+        g_prev = torch.stack([self._split(self.context.read(x.block_table, n - 1))[2]
+                              for x, n in zip(inputs, lengths)])  # [R, h]
         pos0 = torch.tensor(lengths, device=device)
         key_pos = torch.arange(l_max + gamma, device=device)
-        g_prev = torch.stack([c.g_last for c in caches])  # [R, h]
         prev = torch.tensor([x.token_ids[-1] for x in inputs], device=device)
         sampling = DraftSampling(inputs, m.draft_vocab, m.config.vocab_size, self.generator, device)
         sts_t, sts_b = m.sts_terms(gamma, device)

@@ -80,15 +80,19 @@ class LLMEngine:
         block_size = config.cache.block_size
         if isinstance(self.backend, FlashAttention):
             block_size = max(block_size, FlashAttention.block_size_multiple)
-        num_blocks = config.cache.num_blocks or self._num_blocks_from_memory(block_size, dtype)
+        spec = config.speculative
+        if drafter is None and spec.draft:
+            drafter = make_drafter(spec.draft, spec.num_draft_tokens, self._target_handle())
+        # a learned drafter pages its context in the same blocks: one budget covers both
+        drafter_bytes = drafter.context_bytes_per_token() * block_size if drafter is not None else 0
+        num_blocks = config.cache.num_blocks or self._num_blocks_from_memory(block_size, dtype, drafter_bytes)
         self.kv_cache = PagedKVCache(ckpt.arch, num_blocks, block_size, dtype, self.device)
+        if drafter is not None:
+            drafter.bind_context(num_blocks, block_size)
         capacity = num_blocks * block_size
         self.max_model_len = min(config.max_model_len or ckpt.arch.max_position_embeddings,
                                  ckpt.arch.max_position_embeddings, capacity)
         self.block_manager = BlockManager(num_blocks, block_size, config.cache.enable_prefix_caching)
-        spec = config.speculative
-        if drafter is None and spec.draft:
-            drafter = make_drafter(spec.draft, spec.num_draft_tokens, self._target_handle())
         self.runner = ModelRunner(self.model, self.kv_cache, self.backend,
                                   Sampler(self.device, config.seed), self.device, drafter)
         sched_config = config.scheduler
@@ -127,8 +131,9 @@ class LLMEngine:
                             self.arch.vocab_size, self.arch.num_layers, self.device,
                             self.config.torch_dtype)
 
-    def _num_blocks_from_memory(self, block_size: int, dtype: torch.dtype) -> int:
-        per_block = PagedKVCache.bytes_per_block(self.arch, block_size, dtype)
+    def _num_blocks_from_memory(self, block_size: int, dtype: torch.dtype, drafter_bytes: int) -> int:
+        """`drafter_bytes`: the drafter's paged context per block."""
+        per_block = PagedKVCache.bytes_per_block(self.arch, block_size, dtype) + drafter_bytes
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             budget = free - total * (1 - self.config.cache.gpu_memory_utilization)

@@ -137,7 +137,6 @@ class ModelRunner:
         step; a request's committed ones are its first tokens up to the last accepted draft.
         """
         inputs: list[DraftInput] = []
-        rows: list[int | None] = []
         starts = batch.cu_seqlens_q.tolist()
         positions = sched_out.num_draft_positions
         for r, (s, new) in enumerate(zip(sched_out.scheduled, out.sampled_token_ids)):
@@ -147,24 +146,17 @@ class ModelRunner:
             ctx = None if features is None else features[starts[r]:starts[r] + num_committed]
             # a prediction drafts even while the verify policy rests the drafter: it costs nothing
             room = positions != 0 or s.params.prediction is not None
+            # the drafter pages its context in the request's blocks, so choices forked from
+            # this prompt and later prefix-cache hits find it there
             inputs.append(DraftInput(s.req_id, s.history + new, s.start_pos + num_committed, ctx,
                                      wants_proposal=bool(new) and room and s.params.speculative,
                                      temperature=s.params.temperature, max_draft_tokens=positions,
                                      seed=s.params.seed, num_output_tokens=s.num_output_tokens + len(new),
-                                     prediction=s.params.prediction))
-            rows.append(r)
-            # choices that will share this prompt's KV need its context too, up to the fork
-            shared = min(num_committed, s.fork_num_tokens - s.start_pos)
-            for child in s.fork_req_ids if shared > 0 else ():
-                inputs.append(DraftInput(child, s.history[:s.start_pos + shared], s.start_pos + shared,
-                                         None if ctx is None else ctx[:shared], wants_proposal=False))
-                rows.append(None)
+                                     prediction=s.params.prediction, block_table=s.block_table))
         out.draft_token_ids = [[] for _ in out.req_ids]
         out.draft_confidences = [None for _ in out.req_ids]
         out.draft_sources = ["" for _ in out.req_ids]
-        for r, proposal in zip(rows, self.drafter.propose(inputs)):
-            if r is None:
-                continue  # a choice parked on a shared prompt: context only
+        for r, proposal in enumerate(self.drafter.propose(inputs)):
             out.draft_token_ids[r] = proposal.draft_token_ids
             out.draft_confidences[r] = proposal.confidences
             out.draft_sources[r] = proposal.source or self.drafter.name

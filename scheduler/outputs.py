@@ -35,10 +35,9 @@ class ScheduledRequest:
     num_draft_tokens: int = 0
     # The request's committed tokens (read-only view) for drafters that look at history.
     history: list[int] | None = None
-    # n > 1: requests that will share the KV of this request's first `fork_num_tokens` prompt
-    # tokens; their drafters get this step's features of those positions too.
+    # n > 1: requests that will share the KV of this request's full prompt blocks once this
+    # chunk ends its prefill (the drafter's context, paged in the same blocks, comes along).
     fork_req_ids: list[str] = field(default_factory=list)
-    fork_num_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:

@@ -261,7 +261,6 @@ class Scheduler:
             num_draft_tokens=num_draft,
             history=req.token_ids,
             fork_req_ids=[c.req_id for c in self._parked.get(req.req_id, ())],
-            fork_num_tokens=self.fork_num_tokens(req) if req.req_id in self._parked else 0,
         )
 
     def _fork_parked(self, parent: Request) -> None:

@@ -62,6 +62,8 @@ class FeatureRecorder(Drafter):
         for x in inputs:
             m = x.context_features.shape[0]
             start = x.num_computed_tokens - m
+            assert x.req_id in self.features or start == 0, \
+                "features start past position 0 (a prefix-cache hit): record with prefix caching off"
             chunks = self.features.setdefault(x.req_id, [])
             if start < self.lengths.get(x.req_id, 0):  # preempted and recomputed: start over
                 assert start == 0
@@ -160,8 +162,9 @@ def build_cache(rows: list[dict], cache_dir: str | Path, model: str | None = Non
     from engine import LLM, SamplingParams
 
     recorder = FeatureRecorder(layers)
+    # no prefix caching: a cached prefix would skip the forward that captures its features
     llm = LLM(model=model, dtype=dtype, max_num_seqs=batch_size, max_num_batched_tokens=4096,
-              drafter=recorder)
+              drafter=recorder, enable_prefix_caching=False)
     eng = llm.engine
     if layers[-1] != eng.arch.num_layers - 1:
         raise ValueError(f"the last cached layer must be the target's last ({eng.arch.num_layers - 1})")

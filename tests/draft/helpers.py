@@ -41,3 +41,23 @@ def tiny_dspark(llm: LLM, kind: str = "dspark", head: str = "markov", seed: int 
             if name.startswith(("head.", "confidence.")):
                 p.normal_(0, scale)
     return model.eval()
+
+
+STANDALONE_BLOCK_SIZE = 4
+_BLOCKS_PER_REQUEST = 32
+
+
+def standalone(drafter):
+    """A drafter used without an engine: its paged context gets a pool of its own."""
+    drafter.bind_context(8 * _BLOCKS_PER_REQUEST, STANDALONE_BLOCK_SIZE)
+    return drafter
+
+
+def paged_input(req_id: str, *args, **kwargs):
+    """A DraftInput whose request owns a block table of its own in a `standalone` pool (the
+    same blocks for the same id; ids r0.., r and a.. map to disjoint ranges)."""
+    from draft import DraftInput
+
+    index = int(req_id[1:]) if req_id[1:].isdigit() else ord(req_id[0]) % 8
+    first = (index % 8) * _BLOCKS_PER_REQUEST
+    return DraftInput(req_id, *args, block_table=list(range(first, first + _BLOCKS_PER_REQUEST)), **kwargs)

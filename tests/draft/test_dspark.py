@@ -7,17 +7,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from draft import DraftInput
 from draft.checkpoint import load_model, save_drafter
 from draft.heads import MarkovHead, RNNHead
 from engine import SamplingParams
-from tests.draft.helpers import tiny_dspark, tiny_llm
+from tests.draft.helpers import paged_input, standalone, tiny_dspark, tiny_llm
 from tests.engine.test_engine import random_prompts, run_staggered
 
 
 @pytest.fixture(scope="module")
 def llm(tiny_model_dir):
-    return tiny_llm(tiny_model_dir, block_size=4)
+    # it records features of whole sequences (_context_of): a prefix-cache hit would skip them
+    return tiny_llm(tiny_model_dir, block_size=4, enable_prefix_caching=False)
 
 
 @pytest.mark.parametrize("cls", [MarkovHead, RNNHead])
@@ -66,14 +66,14 @@ def test_inference_path_matches_training_forward(llm, kind, head):
     g = min(4, model.max_draft_tokens)
     seqs = [[(7 * i + s0) % 250 + 3 for i in range(23)] for s0 in (3, 40)]
     feats = [_context_of(llm, s, model.config.target_layers) for s in seqs]
-    drafter = model.make_drafter(4)
+    drafter = standalone(model.make_drafter(4))
     assert drafter.num_draft_tokens == g
     # deliver context in two uneven chunks (the second one after a "rejected" stale tail)
     inputs = []
     for i, (s, f) in enumerate(zip(seqs, feats)):
-        drafter.propose([DraftInput(f"r{i}", s[:10], 10, f[:10], wants_proposal=False)])
-        drafter.propose([DraftInput(f"r{i}", s[:14], 14, f[10:14], wants_proposal=False)])  # stale
-        inputs.append(DraftInput(f"r{i}", s, len(s) - 1, f[10:len(s) - 1], temperature=0.0))
+        drafter.propose([paged_input(f"r{i}", s[:10], 10, f[:10], wants_proposal=False)])
+        drafter.propose([paged_input(f"r{i}", s[:14], 14, f[10:14], wants_proposal=False)])  # stale
+        inputs.append(paged_input(f"r{i}", s, len(s) - 1, f[10:len(s) - 1], temperature=0.0))
     proposals = drafter.propose(inputs)
     for s, f, p in zip(seqs, feats, proposals):
         a = len(s) - 1
@@ -83,7 +83,7 @@ def test_inference_path_matches_training_forward(llm, kind, head):
         assert p.draft_token_ids == logits[0].argmax(-1).tolist()
         torch.testing.assert_close(torch.tensor(p.confidences), conf[0].sigmoid(), rtol=1e-4, atol=1e-5)
     # sampled requests get the exact distributions they were drawn from
-    p = drafter.propose([DraftInput("r0", seqs[0], len(seqs[0]) - 1, None, temperature=0.7)])[0]
+    p = drafter.propose([paged_input("r0", seqs[0], len(seqs[0]) - 1, None, temperature=0.7)])[0]
     h = model.forward_blocks(torch.tensor([seqs[0]]), feats[0][None], torch.tensor([[len(seqs[0]) - 1]]), g)[0]
     logits, _ = model.teacher_forced(h, torch.tensor([[seqs[0][-1]] + p.draft_token_ids[:-1]]))
     torch.testing.assert_close(p.draft_probs, (logits[0] / 0.7).softmax(-1), rtol=1e-4, atol=1e-6)
@@ -105,8 +105,8 @@ def test_confidence_sts_and_checkpoint_round_trip(llm, tmp_path):
     f = _context_of(llm, seq, model.config.target_layers)
     outs = []
     for m in (model, loaded):
-        d = m.make_drafter(4)
-        outs.append(d.propose([DraftInput("r", seq, len(seq) - 1, f[:-1], temperature=0.0)])[0])
+        d = standalone(m.make_drafter(4))
+        outs.append(d.propose([paged_input("r", seq, len(seq) - 1, f[:-1], temperature=0.0)])[0])
     assert all(0.0 < c < 1.0 for c in outs[1].confidences)
     # bf16 rounding of the saved weights moves confidences only slightly
     assert max(abs(a - b) for a, b in zip(outs[0].confidences, outs[1].confidences)) < 0.05
@@ -163,10 +163,10 @@ def test_eagle3_inference_matches_ttt_training_forward(llm):
     model = tiny_dspark(llm, "eagle3", "none", block_size=4)
     seq = [(7 * i + 3) % 250 + 3 for i in range(21)]
     feats = _context_of(llm, seq, model.config.target_layers)
-    drafter = model.make_drafter(4)
-    drafter.propose([DraftInput("r", seq[:9], 9, feats[:9], wants_proposal=False)])
-    greedy = drafter.propose([DraftInput("r", seq, 20, feats[9:20], temperature=0.0)])[0]
-    sampled = drafter.propose([DraftInput("r", seq, 20, None, temperature=0.8)])[0]
+    drafter = standalone(model.make_drafter(4))
+    drafter.propose([paged_input("r", seq[:9], 9, feats[:9], wants_proposal=False)])
+    greedy = drafter.propose([paged_input("r", seq, 20, feats[9:20], temperature=0.0)])[0]
+    sampled = drafter.propose([paged_input("r", seq, 20, None, temperature=0.8)])[0]
     for p in (greedy, sampled):
         ext = seq + p.draft_token_ids[:-1]
         f = torch.cat([feats[:20], torch.zeros(len(ext) - 20, feats.shape[1])])[None]
@@ -186,7 +186,7 @@ def test_fewer_draft_positions_are_a_prefix_of_the_full_draft(llm, kind, head):
     model = tiny_dspark(llm, kind, head, block_size=4)
     seq = [(11 * i + 5) % 250 + 3 for i in range(15)]
     feats = _context_of(llm, seq, model.config.target_layers)
-    full, short = (model.make_drafter(4).propose([DraftInput("r", seq, len(seq) - 1, feats[:-1], temperature=0.0,
+    full, short = (standalone(model.make_drafter(4)).propose([paged_input("r", seq, len(seq) - 1, feats[:-1], temperature=0.0,
                                                              max_draft_tokens=limit)])[0]
                    for limit in (None, 2))
     assert len(full) == 4 and short.draft_token_ids == full.draft_token_ids[:2]
@@ -202,39 +202,34 @@ def test_auto_verify_policy_schedules_drafters_with_confidences(llm, tiny_model_
     assert served.engine.scheduler.verify_policy.name == policy
 
 
-@pytest.mark.parametrize(("kind", "head"), [("dspark", "markov"), ("eagle3", "none")])
-def test_resting_drafter_holds_context_until_it_drafts(llm, kind, head, monkeypatch):
-    """A request that does not draft only holds its features (no drafter forward); its next
-    draft equals that of a drafter given the whole context at once, also after a restart from
-    position 0 (preemption) and after the held rows hit their cap."""
+@pytest.mark.parametrize(("kind", "head"), [("dspark", "markov"), ("eagle3", "none"), ("mtp", "none")])
+def test_resting_drafter_holds_context_until_a_block_fills(llm, kind, head):
+    """A request that does not draft holds its features until they fill a KV block (then
+    that block's context is paged); its next draft equals that of a drafter given the whole
+    context at once, also after a restart from position 0 (preemption)."""
     model = tiny_dspark(llm, kind, head, block_size=4)
-    seq = [(13 * i + 2) % 250 + 3 for i in range(21)]
+    seq = [(13 * i + 2) % 250 + 3 for i in range(23)]
     feats = _context_of(llm, seq, model.config.target_layers)
     a = len(seq) - 1
 
     def final(drafter):
-        return drafter.propose([DraftInput("r", seq, a, None, temperature=0.0)])[0]
+        return drafter.propose([paged_input("r", seq, a, None, temperature=0.0)])[0]
 
-    eager = model.make_drafter(4)
-    eager.propose([DraftInput("r", seq[:a], a, feats[:a], wants_proposal=False)])
-    expected = eager.propose([DraftInput("r", seq, a, None, temperature=0.0)])[0]
+    eager = standalone(model.make_drafter(4))
+    eager.propose([paged_input("r", seq[:a], a, feats[:a], wants_proposal=False)])
+    assert eager.held["r"].end - eager.held["r"].start == a % 4  # its full blocks are paged
+    expected = final(eager)
 
-    lazy = model.make_drafter(4)
-    lazy.propose([DraftInput("r", seq[:5], 5, feats[:5], wants_proposal=False)])
-    lazy.propose([DraftInput("r", seq[:3], 3, feats[:3], wants_proposal=False)])  # restart (preempted)
+    lazy = standalone(model.make_drafter(4))
+    lazy.propose([paged_input("r", seq[:5], 5, feats[:5], wants_proposal=False)])
+    lazy.propose([paged_input("r", seq[:3], 3, feats[:3], wants_proposal=False)])  # restart (preempted)
     for n in range(4, a + 1):  # one committed token per resting step
-        lazy.propose([DraftInput("r", seq[:n], n, feats[n - 1:n], wants_proposal=False)])
-    assert "r" not in lazy.caches  # no context K/V built while resting
+        lazy.propose([paged_input("r", seq[:n], n, feats[n - 1:n], wants_proposal=False)])
+        held = lazy.held.get("r")
+        assert (held.end - held.start if held else 0) == n % 4  # only the partial block waits
     got = final(lazy)
     assert got.draft_token_ids == expected.draft_token_ids
     assert got.confidences == pytest.approx(expected.confidences, rel=1e-4)
-
-    monkeypatch.setattr(type(lazy), "MAX_HELD_ROWS", 8)
-    capped = model.make_drafter(4)
-    for n in range(1, a + 1):
-        capped.propose([DraftInput("r", seq[:n], n, feats[n - 1:n], wants_proposal=False)])
-    assert capped.caches["r"].length == 16 and capped.held["r"].end - capped.held["r"].start == a - 16
-    assert final(capped).draft_token_ids == expected.draft_token_ids
 
 
 @pytest.mark.parametrize("head", ["markov", "rnn"])
@@ -249,7 +244,7 @@ def test_draft_vocabulary_restricts_proposals_exactly(llm, head, tmp_path):
     a = len(seq) - 1
     h = model.forward_blocks(torch.tensor([seq]), feats[None], torch.tensor([[a]]), 4)[0]
     for temp in (0.0, 0.8):
-        p = model.make_drafter(4).propose([DraftInput("r", seq, a, feats[:a], temperature=temp)])[0]
+        p = standalone(model.make_drafter(4)).propose([paged_input("r", seq, a, feats[:a], temperature=temp)])[0]
         assert set(p.draft_token_ids) <= set(ids.tolist())
         logits, _ = model.teacher_forced(h, torch.tensor([[seq[a]] + p.draft_token_ids[:-1]]))
         restricted = logits[0]  # the training forward computes the draft vocabulary's columns
@@ -292,7 +287,7 @@ def test_draft_vocabulary_from_training_responses(tmp_path, llm):
     loaded = load_model(tmp_path / "ck", model.target, dtype=torch.float32)
     assert loaded.draft_vocab.tolist() == [5, 7]
     feats = _context_of(llm, [3, 4], loaded.config.target_layers)
-    proposal = loaded.make_drafter(4).propose([DraftInput("r", [3, 4], 1, feats[:1], temperature=0.0)])[0]
+    proposal = standalone(loaded.make_drafter(4)).propose([paged_input("r", [3, 4], 1, feats[:1], temperature=0.0)])[0]
     assert len(proposal) == 4 and set(proposal.draft_token_ids) <= {5, 7}
 
 
@@ -301,10 +296,10 @@ def test_drafting_pass_time_excludes_resting_steps(llm):
     model = tiny_dspark(llm, "dspark", "markov", block_size=4)
     seq = [(5 * i + 1) % 250 + 3 for i in range(12)]
     feats = _context_of(llm, seq, model.config.target_layers)
-    drafter = model.make_drafter(4)
-    drafter.propose([DraftInput("r", seq[:8], 8, feats[:8], wants_proposal=False)])
+    drafter = standalone(model.make_drafter(4))
+    drafter.propose([paged_input("r", seq[:8], 8, feats[:8], wants_proposal=False)])
     assert drafter.last_pass_seconds is None
-    drafter.propose([DraftInput("r", seq, 11, feats[8:11], temperature=0.0)])
+    drafter.propose([paged_input("r", seq, 11, feats[8:11], temperature=0.0)])
     assert drafter.last_pass_seconds is not None and drafter.last_pass_seconds > 0
 
 
@@ -317,14 +312,14 @@ def test_eagle3_draft_vocabulary_renormalises_its_distribution(llm):
     seq = [(9 * i + 4) % 250 + 3 for i in range(17)]
     feats = _context_of(llm, seq, full.config.target_layers)
     a = len(seq) - 1
-    x = DraftInput("r", seq, a, feats[:a], temperature=0.8)
-    p_full = full.make_drafter(4).propose([x])[0]
-    p_voc = restricted.make_drafter(4).propose([x])[0]
+    x = paged_input("r", seq, a, feats[:a], temperature=0.8)
+    p_full = standalone(full.make_drafter(4)).propose([x])[0]
+    p_voc = standalone(restricted.make_drafter(4)).propose([x])[0]
     assert set(p_voc.draft_token_ids) <= set(ids.tolist())
     row = p_full.draft_probs[0, ids]
     torch.testing.assert_close(p_voc.draft_probs[0, ids], row / row.sum(), rtol=1e-4, atol=1e-6)
     assert p_voc.draft_probs.sum() == pytest.approx(4.0, rel=1e-4)  # rows sum to one over the vocabulary
-    greedy = restricted.make_drafter(4).propose([DraftInput("r", seq, a, feats[:a], temperature=0.0)])[0]
+    greedy = standalone(restricted.make_drafter(4)).propose([paged_input("r", seq, a, feats[:a], temperature=0.0)])[0]
     assert greedy.draft_token_ids[0] == int(ids[row.argmax()])
 
 
@@ -339,9 +334,9 @@ def test_seeded_draws_share_the_targets_race(with_vocab):
     gen = torch.Generator().manual_seed(0)
     vocab_ids = torch.randperm(vocab, generator=gen)[:25] if with_vocab else None
     cols = vocab_ids.numel() if with_vocab else vocab
-    inputs = [DraftInput("a", [1, 2], 1, temperature=0.8, seed=11, num_output_tokens=3),
-              DraftInput("b", [1, 2], 1, temperature=0.8),
-              DraftInput("c", [1, 2], 1, temperature=0.0, seed=5, num_output_tokens=0)]
+    inputs = [paged_input("a", [1, 2], 1, temperature=0.8, seed=11, num_output_tokens=3),
+              paged_input("b", [1, 2], 1, temperature=0.8),
+              paged_input("c", [1, 2], 1, temperature=0.0, seed=5, num_output_tokens=0)]
     sampling = DraftSampling(inputs, vocab_ids, vocab, gen, torch.device("cpu"))
     logits = 3.0 * torch.randn(gamma, len(inputs), cols, generator=gen)
     for k in range(gamma):

@@ -213,7 +213,7 @@ def test_random_shared_prefix_workload_reads_only_kv_of_its_own_tokens():
     # prefixes made of a few shared blocks in different orders: equal blocks after different
     # parents must not match
     chunks = [[rng.randrange(1, 40) for _ in range(BS)] for _ in range(3)]
-    prefixes = [sum((rng.choice(chunks) for _ in range(rng.randrange(1, 4))), []) for _ in range(6)]
+    prefixes = [[t for _ in range(rng.randrange(1, 4)) for t in rng.choice(chunks)] for _ in range(6)]
     hits = 0
     for step in range(400):
         if rng.random() < 0.3 and len(sched.requests) < 10:
