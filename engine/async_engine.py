@@ -13,13 +13,14 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine, StepStats
 from engine.output_processor import RequestOutput
 from engine.tokenizer import Tokenizer
 from scheduler import EngineDead, InvalidRequest, SamplingParams
+from scheduler.block_manager import PrefixCacheStats
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class EngineStats:
     num_running: int = 0
     num_waiting: int = 0
     kv_cache_usage: float = 0.0
+    prefix_cache: PrefixCacheStats = field(default_factory=lambda: PrefixCacheStats(0, 0, 0, 0, 0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,7 +261,7 @@ class AsyncLLM:
                     for listener in self._step_listeners:
                         listener(stats)
             self._stats = EngineStats(engine.scheduler.num_running, engine.scheduler.num_waiting,
-                                      engine.block_manager.usage)
+                                      engine.block_manager.usage, engine.block_manager.stats())
             if batch:
                 self._post(self._dispatch, batch)
 

@@ -62,6 +62,7 @@ class BlockManager:
         self._ref_counts = [0] * num_blocks
         self._hash_of: dict[int, BlockHash] = {}  # cached blocks only
         self._cached: dict[BlockHash, int] = {}
+        self._num_cached_free = 0  # keyed blocks in the free queue
         self._queries = 0
         self._hits = 0
 
@@ -76,9 +77,8 @@ class BlockManager:
         return 1.0 - len(self._free) / self.num_blocks
 
     def stats(self) -> PrefixCacheStats:
-        cached_free = sum(1 for b in self._free if b in self._hash_of)
-        return PrefixCacheStats(self._queries, self._hits, self.num_blocks - len(self._free),
-                                cached_free, len(self._free) - cached_free)
+        free, cached = len(self._free), self._num_cached_free
+        return PrefixCacheStats(self._queries, self._hits, self.num_blocks - free, cached, free - cached)
 
     def num_blocks_needed(self, req: Request, num_tokens: int) -> int:
         """How many more blocks `req` needs to hold the KV of `num_tokens` tokens."""
@@ -129,6 +129,7 @@ class BlockManager:
         for block in hit:
             if self._ref_counts[block] == 0:
                 del self._free[block]
+                self._num_cached_free -= 1
             self._ref_counts[block] += 1
         req.block_table = list(hit)
         self._queries += req.num_tokens
@@ -159,8 +160,9 @@ class BlockManager:
 
     def _evict(self, block: int) -> None:
         key = self._hash_of.pop(block, None)
-        if key is not None:
+        if key is not None:  # only free blocks are evicted
             del self._cached[key]
+            self._num_cached_free -= 1
 
     # ---- release ----------------------------------------------------------------------
 
@@ -193,5 +195,7 @@ class BlockManager:
         self._ref_counts[block] -= 1
         if self._ref_counts[block] == 0:
             self._free[block] = None
-            if block not in self._hash_of:
+            if block in self._hash_of:
+                self._num_cached_free += 1
+            else:
                 self._free.move_to_end(block, last=False)  # holds nothing reusable: goes first

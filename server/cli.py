@@ -57,6 +57,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         flag, help_ = f"--{name.replace('_', '-')}", f"{owner}.{name} (default: {default})"
         if tp is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+            if name.startswith("enable_"):  # --no-prefix-caching, as vLLM users type it
+                group.add_argument(f"--no-{name[len('enable_'):].replace('_', '-')}", dest=name,
+                                   action="store_false", default=None, help=f"same as --no-{flag[2:]}")
         else:
             group.add_argument(flag, type=tp, default=None, help=help_)
 

@@ -24,6 +24,7 @@ from server.protocol import (
     CompletionLogprobs,
     CompletionResponse,
     CompletionTokensDetails,
+    PromptTokensDetails,
     SpeculativeUsage,
     TopLogprob,
     Usage,
@@ -46,6 +47,7 @@ class Plan:
     token_bytes: Callable[[int], bytes] | None = None
     echo: str = ""  # completions' echo: the prompt text, written before the output
     n: int = 1  # choices, each its own engine request (see `choice_params`)
+    cache_salt: str | None = None  # prefix-cache blocks are shared only under the same salt
     # a stream's running text_offset of completions logprobs per choice (streamed tokens' length)
     logprob_offsets: dict[int, int] = field(default_factory=dict)
     tools: ToolPlan | None = None  # chat with tools: replies are parsed for calls
@@ -87,6 +89,7 @@ def usage_of(plan: Plan, outs: list[RequestOutput]) -> Usage:
             accepted_prediction_tokens=sum(o.num_prediction_accepted_tokens for o in outs),
             rejected_prediction_tokens=sum(o.num_prediction_rejected_tokens for o in outs))
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=outs[0].num_cached_tokens),
                  completion_tokens_details=details, speculative_decoding=spec)
 
 

@@ -14,9 +14,11 @@ from engine.async_engine import EngineStats
 from engine.llm_engine import StepStats
 from engine.output_processor import RequestOutput
 from scheduler import CapacityExceeded, InvalidRequest
+from scheduler.block_manager import PrefixCacheStats
 from scheduler.outputs import PREDICTION_SOURCE
 
 FINISH_REASONS = ("stop", "length", "abort")
+KV_BLOCK_STATES = ("referenced", "cached", "empty")
 
 # CPU steps take 10-500 ms and prefill can queue for seconds, so buckets reach further than
 # vLLM's GPU-sized ones.
@@ -68,6 +70,14 @@ class Metrics:
                              registry=r)
         self.kv_usage = Gauge("dspark:kv_cache_usage_ratio", "Fraction of KV blocks in use", m,
                               registry=r)
+        # prefix cache, in tokens (vLLM's names); the pool's blocks by state, for leak checks
+        self.prefix_queries = Counter("dspark:prefix_cache_queries",
+                                      "Tokens of admitted requests looked up in the prefix cache", m, registry=r)
+        self.prefix_hits = Counter("dspark:prefix_cache_hits", "Tokens found in the prefix cache", m,
+                                   registry=r)
+        self.kv_blocks = Gauge("dspark:kv_cache_blocks", "KV blocks by state: referenced by requests, "
+                               "cached (free, holding a reusable prefix), empty", [*m, "state"], registry=r)
+        self._prefix_seen = (0, 0)
         # Speculative decoding: present from the start, zero until an engine drafts.
         self.spec_draft = Counter("dspark:spec_decode_num_draft_tokens", "Drafted tokens", m,
                                   registry=r)
@@ -110,12 +120,14 @@ class Metrics:
         self.model_name = model_name
         for metric in (self.ttft, self.itl, self.e2e, self.queue_time, self.tokens_per_s,
                        self.prompt_tokens, self.generation_tokens, self.running, self.waiting,
-                       self.kv_usage, self.spec_draft, self.spec_accepted, self.spec_verify,
+                       self.kv_usage, self.prefix_queries, self.prefix_hits, self.spec_draft, self.spec_accepted, self.spec_verify,
                        self.spec_accepted_len, self.spec_verify_per_req, self.spec_expected,
                        self.spec_capacity, self.draft_time, self.verify_time):
             metric.labels(model_name)
         for counter in (self.spec_source_verify, self.spec_source_accepted):
             counter.labels(model_name, PREDICTION_SOURCE)  # drafters' sources appear as they draft
+        for state in KV_BLOCK_STATES:
+            self.kv_blocks.labels(model_name, state)
         for reason in FINISH_REASONS:
             self.request_success.labels(model_name, reason)
         for status in ERROR_STATUSES:
@@ -151,7 +163,18 @@ class Metrics:
             self.running.labels(self.model_name).set(stats.num_running)
             self.waiting.labels(self.model_name).set(stats.num_waiting)
             self.kv_usage.labels(self.model_name).set(stats.kv_cache_usage)
+            self._observe_prefix_cache(stats.prefix_cache)
         return generate_latest(self.registry)
+
+    def _observe_prefix_cache(self, s: PrefixCacheStats) -> None:
+        """The block manager counts since start; the counters take what is new since the last scrape."""
+        model = self.model_name
+        seen_queries, seen_hits = self._prefix_seen
+        self.prefix_queries.labels(model).inc(max(0, s.queries - seen_queries))
+        self.prefix_hits.labels(model).inc(max(0, s.hits - seen_hits))
+        self._prefix_seen = (max(s.queries, seen_queries), max(s.hits, seen_hits))
+        for state, n in zip(KV_BLOCK_STATES, (s.num_referenced_blocks, s.num_cached_free_blocks, s.num_empty_blocks)):
+            self.kv_blocks.labels(model, state).set(n)
 
     def track(self, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
         assert self.model_name is not None, "bind_model() first"

@@ -79,6 +79,8 @@ class GenerationRequest(_Body):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     prediction: Prediction | None = None
+    # vLLM's: only requests with the same salt share prefix-cache blocks (tenant isolation)
+    cache_salt: str | None = Field(default=None, min_length=1)
 
     # Without max_tokens: this many (capped by the context), or None for the rest of the
     # context window (chat, as vLLM and OpenAI do).
@@ -191,6 +193,12 @@ class SpeculativeUsage(BaseModel):
     mean_acceptance_length: float  # tokens committed per verify step: (accepted + rounds) / rounds
 
 
+class PromptTokensDetails(BaseModel):
+    """OpenAI's: prompt tokens whose KV came from the prefix cache instead of a prefill."""
+
+    cached_tokens: int = 0
+
+
 class CompletionTokensDetails(BaseModel):
     """OpenAI's: of the prediction's tokens proposed as drafts, how many the output accepted
     and how many it rejected (rejected ones still cost compute, not completion tokens)."""
@@ -203,6 +211,7 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
     completion_tokens_details: CompletionTokensDetails | None = None  # only with a prediction
     speculative_decoding: SpeculativeUsage | None = None  # only with a drafter
 

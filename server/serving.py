@@ -293,7 +293,7 @@ def _plan(body: GenerationRequest, ctx: ServingContext, req_id: str, prompt_ids:
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     token_bytes = None if logprobs is None else ctx.engine.info.tokenizer.token_bytes
     return Plan(req_id, ctx.model_name, prompt_ids, params, body.stream, include_usage, token_bytes,
-                n=body.n)
+                n=body.n, cache_salt=body.cache_salt)
 
 
 # ---- running it --------------------------------------------------------------------------
@@ -304,7 +304,7 @@ async def respond(request: Request, plan: Plan, fmt: ResponseFormat,
     first_id = plan.choice_id(0)
     streams = [ctx.metrics.track(ctx.engine.generate(
         plan.prompt_ids, plan.choice_params(i), plan.choice_id(i), plan.arrival_time,
-        prompt_parent=first_id if i else None)) for i in range(plan.n)]
+        prompt_parent=first_id if i else None, cache_salt=plan.cache_salt)) for i in range(plan.n)]
     outputs = merge_choices(streams)
     try:
         if plan.stream:

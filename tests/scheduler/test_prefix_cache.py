@@ -44,6 +44,7 @@ def check_pool(bm: BlockManager, *owners: Request) -> None:
     assert set(bm._free) == {b for b in range(bm.num_blocks) if b not in counts}
     assert {bm._cached[k]: k for k in bm._cached} == bm._hash_of
     s = bm.stats()
+    assert s.num_cached_free_blocks == sum(1 for b in bm._free if b in bm._hash_of)
     assert s.num_referenced_blocks + s.num_cached_free_blocks + s.num_empty_blocks == bm.num_blocks
 
 

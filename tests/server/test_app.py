@@ -77,7 +77,8 @@ def test_completions_stream_and_whole(tiny_client):
     body = {"prompt": "abc", "max_tokens": 10, "temperature": 0, "ignore_eos": True}
     whole = tiny_client.post("/v1/completions", json=body).json()
     assert whole["object"] == "text_completion" and whole["id"].startswith("cmpl-")
-    assert whole["usage"] == {"prompt_tokens": 3, "completion_tokens": 10, "total_tokens": 13}
+    assert whole["usage"] == {"prompt_tokens": 3, "completion_tokens": 10, "total_tokens": 13,
+                              "prompt_tokens_details": {"cached_tokens": 0}}
     events, done = _stream(tiny_client, "/v1/completions", body)
     assert done and events[-1]["choices"][0]["finish_reason"] == "length"
     assert "".join(e["choices"][0]["text"] for e in events) == whole["choices"][0]["text"]
