@@ -1,11 +1,13 @@
 """Clients that leave abort their requests; SIGTERM drains (tiny model)."""
 
 import asyncio
+import random
 import signal
 import threading
 import time
 
 import httpx
+import pytest
 
 from server.app import create_app
 from server.config import ServerConfig
@@ -60,6 +62,29 @@ def test_disconnected_streams_are_aborted(tiny_server):
               - metric(before, "dspark:request_success_total", finish_reason="abort"))
     assert aborts == 20
     assert tiny_server.app.state.server.engine.num_in_flight == 0
+
+
+def test_a_disconnect_storm_on_shared_prefixes_leaks_no_block(tiny_server):
+    """Clients sharing a long system prompt (prefix-cache hits in flight) all leave: after
+    the storm no block is referenced, the shared prefix stays cached, and it still serves."""
+    system = {"role": "system", "content": "You answer briefly. " * 8}
+    bodies = [{**LONG, "max_tokens": 200, "messages": [system, {"role": "user", "content": f"question {i}"}]}
+              for i in range(24)]
+    before = metric_samples(httpx.get(f"{tiny_server.url}/metrics").text)
+
+    async def storm() -> int:
+        return sum(await asyncio.gather(*(disconnect_streams(tiny_server.url, b, 1, AUTH) for b in bodies)))
+
+    assert asyncio.run(storm()) == len(bodies)
+    samples = wait_engine_idle(tiny_server.url)
+    assert metric(samples, "dspark:kv_cache_blocks", state="referenced") == 0
+    assert metric(samples, "dspark:kv_cache_blocks", state="cached") > 0
+    assert (metric(samples, "dspark:prefix_cache_hits_total")
+            > metric(before, "dspark:prefix_cache_hits_total"))
+    r = httpx.post(f"{tiny_server.url}/v1/chat/completions", headers=AUTH, timeout=60,
+                   json={**bodies[0], "max_tokens": 4})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    assert metric(wait_engine_idle(tiny_server.url), "dspark:kv_cache_blocks", state="referenced") == 0
 
 
 def test_disconnected_n_choice_stream_aborts_every_choice(tiny_server):
@@ -134,3 +159,49 @@ def test_sigterm_drains_running_streams_then_exits(tiny_model_dir, tmp_path):
     assert code in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after a clean shutdown
     log = proc.log()
     assert "draining" in log and "engine stopped" in log
+
+
+@pytest.mark.slow
+def test_a_mixed_soak_leaves_no_block_referenced(tiny_server):
+    """30 s of mixed traffic: shared and distinct prefixes, salts, n = 2, streams dropped at
+    random and requests cut by timeouts. Afterwards the pool holds only cached and empty
+    blocks."""
+    rng = random.Random(7)
+    prefixes = [f"Context {k}: " + "lorem ipsum " * rng.randrange(4, 12) for k in range(3)]
+
+    def body() -> dict:
+        system = rng.choice(prefixes + [f"unique {rng.random()}"])
+        return {"messages": [{"role": "system", "content": system}, {"role": "user", "content": "hi"}],
+                "max_tokens": rng.randrange(1, 60), "temperature": rng.choice([0, 1.0]), "ignore_eos": True,
+                "n": rng.choice([1, 1, 2]), **({"cache_salt": "t"} if rng.random() < 0.2 else {})}
+
+    async def client_loop(until: float) -> int:
+        done = 0
+        async with httpx.AsyncClient(base_url=tiny_server.url, headers=AUTH, timeout=60) as client:
+            while time.monotonic() < until:
+                if rng.random() < 0.4:  # a stream dropped after a few chunks
+                    async with client.stream("POST", "/v1/chat/completions", json={**body(), "stream": True}) as r:
+                        assert r.status_code == 200
+                        keep = rng.randrange(1, 6)
+                        async for _ in r.aiter_lines():
+                            keep -= 1
+                            if not keep:
+                                break
+                else:
+                    try:
+                        r = await client.post("/v1/chat/completions", json=body(), timeout=rng.choice([0.2, 60]))
+                        assert r.status_code == 200, r.text
+                        done += 1
+                    except httpx.ReadTimeout:
+                        pass
+        return done
+
+    async def soak() -> int:
+        until = time.monotonic() + 30
+        return sum(await asyncio.gather(*(client_loop(until) for _ in range(8))))
+
+    assert asyncio.run(soak()) > 20
+    samples = wait_engine_idle(tiny_server.url)
+    states = {s: metric(samples, "dspark:kv_cache_blocks", state=s) for s in ("referenced", "cached", "empty")}
+    assert states["referenced"] == 0 and states["cached"] > 0
+    assert tiny_server.app.state.server.engine.num_in_flight == 0
