@@ -6,6 +6,7 @@ import pytest
 
 from engine import SamplingParams
 from tests.draft.helpers import tiny_dspark, tiny_llm
+from tests.engine.test_prefix_caching import same_drafts
 
 PROMPT = list(range(3, 45))  # 42 tokens: 40 shared in blocks of 4, the last 2 per choice
 
@@ -18,14 +19,14 @@ def _run(llm, params: list[SamplingParams], share: bool, abort_parent: bool = Fa
         eng.abort_request(parent)
         ids = ids[1:]
     done, computed = {}, 0
-    proposals: dict[str, list[list[int]]] = {i: [] for i in ids}
+    proposals: dict[str, list] = {i: [] for i in ids}
     execute = eng.runner.execute
 
     def recording(sched_out):
         out = execute(sched_out)
-        for req_id, draft in zip(out.req_ids, out.draft_token_ids or []):
-            if draft and req_id in proposals:
-                proposals[req_id].append(draft)
+        for req_id, draft, conf in zip(out.req_ids, out.draft_token_ids or [], out.draft_confidences or []):
+            if draft and req_id in proposals:  # confidences move with any change of context
+                proposals[req_id].append((draft, conf))
         return out
 
     eng.runner.execute = recording
@@ -74,7 +75,8 @@ def test_forked_choices_draft_from_the_shared_context(tiny_model_dir, kind, cach
         alone_drafts = _run.proposals
         shared = _run(llm, greedy, share=True)[0]
         assert all(o.token_ids == reference for o in first + alone + shared)
-        assert first_drafts[0] and _run.proposals == alone_drafts == first_drafts * 3
+        assert first_drafts[0] and same_drafts(alone_drafts, first_drafts * 3)
+        assert same_drafts(_run.proposals, alone_drafts)
         assert alone[0].num_cached_tokens == (40 if caching else 0)
 
 

@@ -55,7 +55,10 @@ def tiny_vocab_dir(tmp_path_factory):
 
 
 def first_tokens(path, params: SamplingParams, drafter: Drafter | None, sampler_cls=Sampler,
-                 seed: int = 0, **options) -> collections.Counter:
+                 seed: int = 0, prompt: list[int] = PROMPT, **options) -> collections.Counter:
+    """Counts of the first 3 tokens of NUM_SAMPLES requests of `prompt`, submitted 4000 at a
+    time; `.prefix_hits`: prompt tokens the prefix cache served (later batches find earlier
+    batches' prompt blocks)."""
     llm = LLM(model=str(path), device="cpu", dtype="float32", drafter=drafter, seed=seed,
               max_num_seqs=4096, max_num_batched_tokens=16384, num_blocks=8192, block_size=4,
               **options)
@@ -64,13 +67,14 @@ def first_tokens(path, params: SamplingParams, drafter: Drafter | None, sampler_
     counts: collections.Counter = collections.Counter()
     for start in range(0, NUM_SAMPLES, 4000):
         for _ in range(min(4000, NUM_SAMPLES - start)):
-            eng.add_request(PROMPT, params)
+            eng.add_request(prompt, params)
         while eng.has_unfinished():
             for out in eng.step():
                 if out.finished:
                     counts[tuple(out.token_ids[:3])] += 1
     if drafter is not None:
         assert eng.scheduler.num_preemptions == 0
+    counts.prefix_hits = eng.block_manager.stats().hits
     return counts
 
 
@@ -110,6 +114,18 @@ def test_speculative_matches_plain_sampling(tiny_vocab_dir, variant):
     spec = first_tokens(tiny_vocab_dir, params, RandomDrafter(3, seed=2), seed=3)
     assert sum(plain.values()) == sum(spec.values()) == NUM_SAMPLES
     assert len(plain) > 20  # the joint of 3 tokens is spread over many cells
+    assert same_distribution_p(plain, spec) > 0.001
+
+
+def test_speculation_over_prefix_cache_hits_matches_plain_sampling(tiny_vocab_dir):
+    """Most requests here sample their first token over prompt KV (and drafter context) from
+    the prefix cache; plain sampling runs with the cache off."""
+    prompt = [1, 5, 2, 7, 3, 3, 6, 1, 4]  # two full blocks of 4, then the last token
+    params = VARIANTS["temperature"]
+    plain = first_tokens(tiny_vocab_dir, params, None, seed=1, prompt=prompt, enable_prefix_caching=False)
+    spec = first_tokens(tiny_vocab_dir, params, RandomDrafter(3, seed=2), seed=3, prompt=prompt)
+    assert plain.prefix_hits == 0 and spec.prefix_hits >= 8 * (NUM_SAMPLES - 4000)
+    assert sum(plain.values()) == sum(spec.values()) == NUM_SAMPLES
     assert same_distribution_p(plain, spec) > 0.001
 
 
