@@ -1,5 +1,5 @@
-"""The shipped drafters on the real default model: greedy speculation equals plain greedy
-(fp32, batched, mixed verify lengths)."""
+"""The shipped drafters on the real default model: greedy speculation with prefix caching
+equals plain greedy without it (fp32, batched, mixed verify lengths, cache hits)."""
 
 import pytest
 
@@ -30,4 +30,7 @@ def test_shipped_drafter_is_greedy_lossless(draft, gamma, repeats):
 
     llm.engine.runner.execute = recording
     assert run_staggered(llm, prompts, params, per_step=4) == expected
+    # the chats share the template's system prompt: those blocks (and the drafter's context
+    # in them) came from the prefix cache
+    assert llm.engine.block_manager.stats().hits >= 16 * (len(prompts) - 4)
     assert any(len(set(step)) > 1 for step in lengths), "no step mixed verify lengths"
