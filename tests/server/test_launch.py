@@ -12,7 +12,7 @@ def test_accepted_connections_send_small_writes_at_once():
     server = bind_socket("127.0.0.1", 0)
     server.listen(1)
     try:
-        with socket.create_connection(server.getsockname()) as client:
+        with socket.create_connection(server.getsockname()):
             conn, _ = server.accept()
             with conn:
                 assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
