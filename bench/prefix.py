@@ -29,6 +29,7 @@ import httpx
 from tqdm import tqdm
 
 from bench.common import SHARED_PROMPTS, load_turns, median, save_result, with_ext
+from bench.serve import chat_events
 from server.process import ServerProcess
 
 CONFIGS = {"cache": [], "no-cache": ["--no-prefix-caching"]}
@@ -75,18 +76,12 @@ async def converse(client: httpx.AsyncClient, conv: int, system: str | None, use
         body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
                 "stream_options": {"include_usage": True}}
         start, ttft, text, usage = time.perf_counter(), None, [], {}
-        async with client.stream("POST", "/v1/chat/completions", json=body) as r:
-            if r.status_code != 200:
-                raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[6:])
-                for c in event.get("choices", []):
-                    if c["delta"].get("content"):
-                        ttft = ttft if ttft is not None else time.perf_counter() - start
-                        text.append(c["delta"]["content"])
-                usage = event.get("usage") or usage
+        async for event in chat_events(client, body):
+            for c in event.get("choices", []):
+                if c["delta"].get("content"):
+                    ttft = ttft if ttft is not None else time.perf_counter() - start
+                    text.append(c["delta"]["content"])
+            usage = event.get("usage") or usage
         reply = "".join(text)
         spec = usage.get("speculative_decoding") or {}
         turns.append(Turn(conv, k, ttft if ttft is not None else time.perf_counter() - start,

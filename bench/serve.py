@@ -21,6 +21,7 @@ import shlex
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from itertools import pairwise
 from pathlib import Path
@@ -75,23 +76,30 @@ class LevelResult:
     acceptance_rate: float = math.nan
 
 
+async def chat_events(client: httpx.AsyncClient, body: dict) -> AsyncIterator[dict]:
+    """The parsed SSE events of one streamed chat completion; RuntimeError for an HTTP error
+    status or an in-band error event."""
+    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[len("data: "):])
+            if "error" in event:
+                raise RuntimeError(event["error"].get("message"))
+            yield event
+
+
 async def run_request(client: httpx.AsyncClient, body: dict, level_start: float) -> RequestResult:
     start = time.perf_counter()
     chunk_times: list[float] = []
     usage: dict | None = None
     try:
-        async with client.stream("POST", "/v1/chat/completions", json=body) as r:
-            if r.status_code != 200:
-                raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[len("data: "):])
-                if "error" in event:
-                    raise RuntimeError(event["error"].get("message"))
-                usage = event.get("usage") or usage
-                if any(c["delta"].get("content") for c in event.get("choices", [])):
-                    chunk_times.append(time.perf_counter())
+        async for event in chat_events(client, body):
+            usage = event.get("usage") or usage
+            if any(c["delta"].get("content") for c in event.get("choices", [])):
+                chunk_times.append(time.perf_counter())
     except (httpx.HTTPError, RuntimeError, ValueError) as e:
         return RequestResult(False, start - level_start, time.perf_counter() - start, error=str(e))
     end = time.perf_counter()

@@ -61,9 +61,14 @@ def test_batching_is_invisible_on_default_model(default_llm):
     params = [SamplingParams(max_tokens=12 + (i % 4) * 4, temperature=0, ignore_eos=True) for i in range(16)]
     expected = {i: default_llm.generate([p], sp)[0].token_ids for i, (p, sp) in enumerate(zip(prompts, params))}
     assert run_staggered(default_llm, prompts, params, per_step=3) == expected
-    small = LLM(dtype="float32", device="cpu", num_blocks=80, block_size=4)
-    assert run_staggered(small, prompts, params, per_step=4) == expected
-    assert small.engine.scheduler.num_preemptions > 0
+    # a pool small enough to preempt, without and with the prefix cache (which shares the
+    # repeated prompts, so it needs a smaller pool to run out)
+    for caching, num_blocks in ((False, 80), (True, 48)):
+        small = LLM(dtype="float32", device="cpu", num_blocks=num_blocks, block_size=4,
+                    enable_prefix_caching=caching)
+        assert run_staggered(small, prompts, params, per_step=4) == expected
+        assert small.engine.scheduler.num_preemptions > 0
+        assert (small.engine.block_manager.stats().hits > 0) == caching
 
 
 @pytest.mark.parametrize("gamma", [1, 3, 7])
