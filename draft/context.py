@@ -33,11 +33,17 @@ class PagedContext:
         """[R, max(lengths), width]: request r's positions 0 .. lengths[r] - 1, then padding
         (slot 0's values: callers mask positions past a request's length)."""
         l_max = max(lengths, default=0)
-        index = torch.zeros(len(lengths), l_max, dtype=torch.long, device=self.data.device)
+        bs = self.block_size
+        width = max(1, -(-l_max // bs))
+        tables = torch.zeros(len(lengths), width, dtype=torch.long)
         for r, (table, n) in enumerate(zip(block_tables, lengths)):
-            if n:
-                index[r, :n] = self.slots(table, 0, n)
-        return self.data[index]
+            assert n <= len(table) * bs, "the block table does not cover the positions"
+            used = table[:width]
+            tables[r, :len(used)] = torch.tensor(used, dtype=torch.long)
+        pos = torch.arange(l_max)
+        index = tables[:, pos // bs] * bs + pos % bs  # [R, L]; past a length: padding
+        index[pos[None, :] >= torch.tensor(lengths)[:, None]] = 0
+        return self.data[index.to(self.data.device)]
 
     def read(self, block_table: list[int], position: int) -> torch.Tensor:
         """[width]: one position's values."""

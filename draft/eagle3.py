@@ -201,11 +201,10 @@ class Eagle3Drafter(LearnedDrafter):
         lengths = [x.num_computed_tokens for x in inputs]
         device = m.fc.weight.device
         l_max = max(lengths)
-        k_ctx, v_ctx, _ = self._split(self.context.gather([x.block_table for x in inputs], lengths))
+        k_ctx, v_ctx, g_ctx = self._split(self.context.gather([x.block_table for x in inputs], lengths))
         extra = k_ctx.new_zeros(num, gamma, m.nkv, m.hd)
         ks, vs = torch.cat([k_ctx, extra], dim=1), torch.cat([v_ctx, extra.clone()], dim=1)
-        g_prev = torch.stack([self._split(self.context.read(x.block_table, n - 1))[2]
-                              for x, n in zip(inputs, lengths)])  # [R, h]
+        g_prev = g_ctx[torch.arange(num), torch.tensor(lengths) - 1]  # [R, h]: position L-1's
         pos0 = torch.tensor(lengths, device=device)
         key_pos = torch.arange(l_max + gamma, device=device)
         prev = torch.tensor([x.token_ids[-1] for x in inputs], device=device)

@@ -129,13 +129,6 @@ class PredictionDrafter(Drafter):
             return EMPTY_PROPOSAL
         return Proposal(tokens, None, [align.confidence] * len(tokens), SOURCE)
 
-    def context_bytes_per_token(self) -> int:
-        return self.base.context_bytes_per_token() if self.base is not None else 0
-
-    def bind_context(self, num_blocks: int, block_size: int) -> None:
-        if self.base is not None:
-            self.base.bind_context(num_blocks, block_size)
-
     def free(self, req_id: str) -> None:
         self._alignments.pop(req_id, None)
         if self.base is not None:

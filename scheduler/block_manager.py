@@ -152,6 +152,8 @@ class BlockManager:
 
     def _hash_blocks(self, req: Request, num_full: int) -> None:
         """Extend `req.block_hashes` to its first `num_full` blocks."""
+        if len(req.block_hashes) >= num_full:
+            return
         bs = self.block_size
         parent = req.block_hashes[-1] if req.block_hashes else chain_root(req.cache_salt)
         for i in range(len(req.block_hashes), num_full):
