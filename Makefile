@@ -52,10 +52,12 @@ clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
 
 # docker-compose stack (deploy/README.md): the server, Prometheus and Grafana.
-# `make compose-up CUDA=1` uses the CUDA image and reserves a GPU.
+# `make compose-up CUDA=1` uses the CUDA image and reserves a GPU; `PROFILE=scale` adds a
+# second replica and sglang-router in front of both (port 8080).
 .PHONY: compose-up compose-down
 COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
-COMPOSE_FILES := -f deploy/docker-compose.yml $(if $(filter 1,$(CUDA)),-f deploy/docker-compose.cuda.yml)
+COMPOSE_FILES := -f deploy/docker-compose.yml $(if $(filter 1,$(CUDA)),-f deploy/docker-compose.cuda.yml) \
+	$(if $(PROFILE),--profile $(PROFILE))
 
 compose-up:
 	$(COMPOSE) -p dspark $(COMPOSE_FILES) up -d --build

@@ -11,6 +11,7 @@ from tests.deploy.helpers import DEPLOY, DOCKERFILES, REPO, tool
 
 COMPOSE = DEPLOY / "docker-compose.yml"
 COMPOSE_CUDA = DEPLOY / "docker-compose.cuda.yml"
+ROUTER_DOCKERFILE = REPO / "docker" / "Dockerfile.router"
 
 
 def compose_config(*files) -> dict:
@@ -23,7 +24,7 @@ def compose_config(*files) -> dict:
     return yaml.safe_load(merged.stdout)
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("dockerfile", [*DOCKERFILES, ROUTER_DOCKERFILE], ids=lambda p: p.name)
 def test_hadolint_finds_no_errors(dockerfile):
     result = subprocess.run([tool("hadolint"), "--no-color", "--failure-threshold", "error",
                              str(dockerfile)], check=False, capture_output=True, text=True,
@@ -71,7 +72,7 @@ def test_dockerignore_keeps_the_context_small():
 
 def test_compose_validates_and_wires_the_stack():
     config = compose_config(COMPOSE)
-    services = config["services"]
+    services = {name: s for name, s in config["services"].items() if not s.get("profiles")}
     assert set(services) == {"dspark", "prometheus", "grafana"}
     for name, service in services.items():
         assert service.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
@@ -89,10 +90,35 @@ def test_compose_validates_and_wires_the_stack():
 
 
 def test_compose_cuda_override_reserves_a_gpu():
-    dspark = compose_config(COMPOSE, COMPOSE_CUDA)["services"]["dspark"]
-    assert dspark["build"]["dockerfile"] == "docker/Dockerfile"
-    (device,) = dspark["deploy"]["resources"]["reservations"]["devices"]
-    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    services = compose_config(COMPOSE, COMPOSE_CUDA)["services"]
+    for name in ("dspark", "dspark-2"):
+        assert services[name]["build"]["dockerfile"] == "docker/Dockerfile"
+        (device,) = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+
+
+def test_compose_scale_profile_puts_the_router_before_two_replicas():
+    services = compose_config(COMPOSE)["services"]
+    scale = {name for name, s in services.items() if "scale" in s.get("profiles", [])}
+    assert scale == {"dspark-2", "router"}
+    # the second replica is the first one's definition, unpublished (clients go through the router)
+    first, second = services["dspark"], services["dspark-2"]
+    assert {k: v for k, v in second.items() if k not in ("profiles", "ports")} == \
+        {k: v for k, v in first.items() if k != "ports"}
+    assert "ports" not in second
+    router = services["router"]
+    assert router["build"]["dockerfile"] == "docker/Dockerfile.router"
+    args = router["command"]
+    workers = args[args.index("--worker-urls") + 1:]
+    workers = workers[:next((i for i, a in enumerate(workers) if a.startswith("--")), len(workers))]
+    assert workers == ["http://dspark:8000", "http://dspark-2:8000"]
+    assert args[args.index("--health-check-endpoint") + 1] == "/health"
+    assert args[args.index("--policy") + 1] == "cache_aware"
+    assert all(router["depends_on"][w]["condition"] == "service_healthy" for w in ("dspark", "dspark-2"))
+    # the image's pinned router is the one the tests run (tests/deploy/test_router.py)
+    pinned = re.search(r"^ARG SGLANG_ROUTER_VERSION=(\S+)$", ROUTER_DOCKERFILE.read_text(), re.MULTILINE)
+    assert pinned and f"sglang-router=={pinned.group(1)}" in (REPO / "pyproject.toml").read_text()
+    assert router["image"].endswith(f":{pinned.group(1)}")
 
 
 def test_compose_mounts_match_prometheus_and_grafana_files():
