@@ -4,12 +4,14 @@ Random anchors over the target-generated sequences of the cache; loss 0.1 CE + 0
 confidence BCE with position-decay weights (draft/training/losses.py); AdamW with linear
 warm-up and cosine decay, gradient clipping, fp32 master weights with bf16 autocast; training
 state saved every `save_every` steps and resumed from `out_dir/train_state.pt`; the exported
-drafter (config.json + bf16 model.safetensors) is written at every save.
+drafter (config.json + bf16 model.safetensors) is written at every save. Under `torchrun` the
+global batch is split over the ranks (draft/training/distributed.py).
 """
 
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,7 @@ from tqdm import tqdm
 
 from draft.base import TargetHandle
 from draft.checkpoint import CONFIG_FILE, WEIGHTS_FILE, build_model, resolve, save_drafter
+from draft.training import distributed
 from draft.training.anchors import sample_anchors
 from draft.training.cache import Sequence, load_sequences
 from draft.training.losses import LossWeights, drafter_loss
@@ -101,7 +104,16 @@ def lr_at(step: int, cfg: TrainConfig, elapsed_s: float = 0.0) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def make_batch(seqs: list[Sequence], anchors_per_seq: int, gen: torch.Generator, device) -> dict:
+def sample_batch(seqs: list[Sequence], num_seqs: int, anchors_per_seq: int, gen: torch.Generator
+                 ) -> tuple[list[Sequence], torch.Tensor, torch.Tensor]:
+    """A global batch: random sequences and their anchors (token counts only, no features read)."""
+    chosen = [seqs[i] for i in torch.randint(len(seqs), (num_seqs,), generator=gen).tolist()]
+    anchors, keep = sample_anchors([s.num_prompt_tokens for s in chosen], [len(s.token_ids) for s in chosen],
+                                   anchors_per_seq, gen)
+    return chosen, anchors, keep
+
+
+def make_batch(seqs: list[Sequence], anchors: torch.Tensor, keep: torch.Tensor, device) -> dict:
     lengths = [len(s.token_ids) for s in seqs]
     s_max = max(lengths)
     feats = [s.features for s in seqs]  # read from the shards once
@@ -111,7 +123,6 @@ def make_batch(seqs: list[Sequence], anchors_per_seq: int, gen: torch.Generator,
     for b, s in enumerate(seqs):
         n = lengths[b]
         token_ids[b, :n], features[b, :n], final[b, :n] = s.token_ids, feats[b], s.final
-    anchors, keep = sample_anchors([s.num_prompt_tokens for s in seqs], lengths, anchors_per_seq, gen)
     to = {"device": device}
     return {"token_ids": token_ids.to(**to), "features": features.to(**to), "final": final.to(**to),
             "num_tokens": torch.tensor(lengths, **to), "anchors": anchors.to(**to), "keep": keep.to(**to)}
@@ -145,10 +156,24 @@ def label_columns(labels: torch.Tensor, rows: torch.Tensor | None, vocab_size: i
     return column[labels]
 
 
-def compute_loss(model, target: TargetHandle, batch: dict, weights: LossWeights, autocast: bool):
+class TrainStep(torch.nn.Module):
+    """The drafter's teacher-forced forward as a module's `forward`, which DDP hooks."""
+
+    def __init__(self, drafter: torch.nn.Module) -> None:
+        super().__init__()
+        self.drafter = drafter
+
+    def forward(self, token_ids, features, num_tokens, anchors, keep):
+        return self.drafter.train_forward(token_ids, features, num_tokens, anchors, keep)
+
+
+def compute_loss(model, target: TargetHandle, batch: dict, weights: LossWeights, autocast: bool,
+                 step: torch.nn.Module | None = None):
+    """`step`: the (DDP-wrapped) TrainStep of `model`; None runs the model's forward directly."""
     device = batch["token_ids"].device
+    forward = step if step is not None else model.train_forward
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        logits, conf, label_pos, mask = model.train_forward(
+        logits, conf, label_pos, mask = forward(
             batch["token_ids"], batch["features"], batch["num_tokens"], batch["anchors"], batch["keep"])
     rows = getattr(model, "draft_vocab", None)
     probs = target_probs(target, batch["final"], label_pos, rows)
@@ -187,7 +212,16 @@ def validate(model, target: TargetHandle, heldout: list[Sequence]) -> dict:
 
 
 def train(cfg: TrainConfig) -> Path:
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dp = distributed.start()
+    try:
+        return _train(cfg, dp)
+    finally:
+        dp.barrier()
+        distributed.stop(dp)
+
+
+def _train(cfg: TrainConfig, dp: distributed.DataParallel) -> Path:
+    device = dp.device(cfg.device)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -246,19 +280,24 @@ def train(cfg: TrainConfig) -> Path:
         step = state["step"]
         trained_s = state.get("trained_s", 0.0)
         logger.info("resumed %s at step %d", out, step)
+    step_module = dp.wrap(TrainStep(model)) if dp.enabled else None
     num_params = sum(p.numel() for p in params)
-    logger.info("training %s (%.2fM parameters, target layers %s) on %d sequences, %s",
-                model_cfg["kind"], num_params / 1e6, list(layers), len(seqs), device)
+    logger.info("training %s (%.2fM parameters, target layers %s) on %d sequences, %s%s",
+                model_cfg["kind"], num_params / 1e6, list(layers), len(seqs), device,
+                f", rank {dp.rank} of {dp.world_size}" if dp.enabled else "")
     autocast = cfg.dtype in ("bfloat16", "bf16")
-    seqs_per_step = max(1, cfg.batch_blocks // cfg.anchors_per_seq)
+    seqs_per_step = max(dp.world_size, cfg.batch_blocks // cfg.anchors_per_seq)  # global
     warmup_weights = LossWeights(ce=0.0, tv=0.0, kl=1.0, confidence=cfg.loss.confidence,
                                  decay=cfg.loss.decay)
     t0 = time.perf_counter() - trained_s
-    bar = tqdm(total=None if cfg.schedule_minutes else cfg.steps, initial=step, desc=f"train {model_cfg['kind']}", unit="step")
-    log = open(out / LOG_FILE, "a")  # noqa: SIM115 (closed in the loop's finally)
+    bar = tqdm(total=None if cfg.schedule_minutes else cfg.steps, initial=step, desc=f"train {model_cfg['kind']}",
+               unit="step", disable=not dp.is_main)
+    log = open(out / LOG_FILE, "a") if dp.is_main else open(os.devnull, "w")  # noqa: SIM115 (closed in the finally)
     running: dict[str, float] = {}
 
     def save() -> None:
+        if not dp.is_main:
+            return
         if heldout:
             log.write(json.dumps({"step": step, "elapsed_s": round(time.perf_counter() - t0, 1),
                                   **validate(model, target, heldout)}) + "\n")
@@ -274,16 +313,18 @@ def train(cfg: TrainConfig) -> Path:
 
     try:
         while cfg.schedule_minutes is not None or step < min(cfg.steps, cfg.stop_step or cfg.steps):
-            idx = torch.randint(len(seqs), (seqs_per_step,), generator=gen).tolist()
-            batch = make_batch([seqs[i] for i in idx], cfg.anchors_per_seq, gen, device)
+            chosen, anchors, keep = sample_batch(seqs, seqs_per_step, cfg.anchors_per_seq, gen)
+            mine = dp.shard(list(range(len(chosen))))
+            batch = make_batch([chosen[i] for i in mine], anchors[mine], keep[mine], device)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg, time.perf_counter() - t0)
             weights = cfg.loss if step >= cfg.kl_warmup else warmup_weights
-            loss, metrics = compute_loss(model, target, batch, weights, autocast)
+            loss, metrics = compute_loss(model, target, batch, weights, autocast, step_module)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
             opt.step()
+            metrics = dp.mean(metrics)
             step += 1
             for k, v in metrics.items():
                 running[k] = running.get(k, 0.0) + v
@@ -300,10 +341,10 @@ def train(cfg: TrainConfig) -> Path:
                 save()
             if cfg.stop_step is not None and step >= cfg.stop_step:
                 break
-            if cfg.max_minutes is not None and time.perf_counter() - t0 > 60 * cfg.max_minutes:
+            if dp.agree(cfg.max_minutes is not None and time.perf_counter() - t0 > 60 * cfg.max_minutes):
                 logger.info("stopping at step %d after %.1f minutes", step, cfg.max_minutes)
                 break
-            if cfg.schedule_minutes is not None and time.perf_counter() - t0 > 60 * cfg.schedule_minutes:
+            if dp.agree(cfg.schedule_minutes is not None and time.perf_counter() - t0 > 60 * cfg.schedule_minutes):
                 logger.info("wall-clock schedule spent at step %d", step)
                 break
         if step % cfg.save_every or step == 0:  # not saved just now
