@@ -60,7 +60,9 @@ class EngineConfig:
     # auto | int4 | none: int4 runs steps of few tokens from a GGUF file's Q4_1 weights (CPU,
     # bf16; engine/quant.py); auto picks it where it runs
     quantization: str = "auto"
-    num_threads: int | None = None  # CPU threads for torch; None = all cores
+    num_threads: int | None = None  # CPU threads for torch (per rank); None = all cores (shared by the ranks)
+    # ranks of tensor parallelism (engine/tensor_parallel.py): worker processes beside this one
+    tensor_parallel_size: int = 1
     seed: int = 0  # seeds the randomness of unseeded requests
     # Run each forward on a worker thread while the previous step's outputs are processed.
     overlap: bool = False

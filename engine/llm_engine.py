@@ -21,6 +21,7 @@ from engine.model_runner import ModelRunner
 from engine.output_processor import OutputProcessor, RequestOutput
 from engine.sampler import Sampler
 from engine.sps_profiler import load_or_profile, profile_key
+from engine.tensor_parallel import TensorParallelLM, check_size, local_arch, start_workers
 from scheduler import (
     BlockManager,
     CapacityExceeded,
@@ -65,8 +66,10 @@ class LLMEngine:
         """`drafter` overrides `config.speculative.draft` with a ready instance (tests, custom)."""
         self.config = config
         self.device = torch.device(config.device)
+        tp = config.tensor_parallel_size
         if self.device.type == "cpu":
-            torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
+            # the ranks of a tensor-parallel engine share the cores
+            torch.set_num_threads(config.num_threads or max(1, (os.cpu_count() or 1) // tp))
             tune_host_malloc()
         dtype = config.torch_dtype
         t0 = time.perf_counter()
@@ -74,7 +77,16 @@ class LLMEngine:
         self.model_name = ckpt.name
         self.arch = ckpt.arch
         self.tokenizer = ckpt.tokenizer
-        self.model = build_model(ckpt, self.device, dtype, config.quantization)
+        if tp > 1:
+            check_size(ckpt.arch, tp)
+            if config.quantization == "int4":
+                raise InvalidRequest("int4 weights do not run tensor parallel: use --quantization none",
+                                     "quantization")
+            local = build_model(ckpt, self.device, dtype, "none", tp=(0, tp))
+            self.model = TensorParallelLM(local, tp)
+        else:
+            self.model = build_model(ckpt, self.device, dtype, config.quantization)
+        self.kv_arch = local_arch(ckpt.arch, 0, tp)  # the heads this process caches
 
         self.backend = make_backend(config.attention_backend, self.device)
         block_size = config.cache.block_size
@@ -86,7 +98,9 @@ class LLMEngine:
         # a learned drafter pages its context in the same blocks: one budget covers both
         drafter_bytes = drafter.context_bytes_per_token() * block_size if drafter is not None else 0
         num_blocks = config.cache.num_blocks or self._num_blocks_from_memory(block_size, dtype, drafter_bytes)
-        self.kv_cache = PagedKVCache(ckpt.arch, num_blocks, block_size, dtype, self.device)
+        self.kv_cache = PagedKVCache(self.kv_arch, num_blocks, block_size, dtype, self.device)
+        if isinstance(self.model, TensorParallelLM):
+            self.model.workers = start_workers(config, num_blocks, block_size)
         if drafter is not None:
             drafter.bind_context(num_blocks, block_size)
         capacity = num_blocks * block_size
@@ -133,7 +147,7 @@ class LLMEngine:
 
     def _num_blocks_from_memory(self, block_size: int, dtype: torch.dtype, drafter_bytes: int) -> int:
         """`drafter_bytes`: the drafter's paged context per block."""
-        per_block = PagedKVCache.bytes_per_block(self.arch, block_size, dtype) + drafter_bytes
+        per_block = PagedKVCache.bytes_per_block(self.kv_arch, block_size, dtype) + drafter_bytes
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             budget = free - total * (1 - self.config.cache.gpu_memory_utilization)
@@ -271,6 +285,8 @@ class LLMEngine:
     def close(self) -> None:
         if self._worker is not None:
             self._worker.shutdown(wait=True)
+        if isinstance(self.model, TensorParallelLM):
+            self.model.close()
 
     def prompt_logits(self, prompt_ids: list[int]) -> torch.Tensor:
         """Logits [len(prompt_ids), vocab] of one standalone prefill (for checks against

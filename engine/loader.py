@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine import tensor_parallel
 from engine.config import ModelArchConfig
-from engine.model import CausalLM
+from engine.model import CausalLM, prepack_linears
 from engine.quant import Q4Blocks, q4_1_blocks, resolve_quantization
 from engine.tokenizer import Tokenizer
 from scheduler import ModelLoadError
@@ -68,10 +69,12 @@ def load_checkpoint(model: str | None) -> LoadedCheckpoint:
 
 
 def build_model(ckpt: LoadedCheckpoint, device: torch.device, dtype: torch.dtype,
-                quantization: str = "none") -> CausalLM:
+                quantization: str = "none", tp: tuple[int, int] | None = None) -> CausalLM:
     """Instantiate the target without initialising weights, load them, place it; with int4
     (`quantization`, resolved by `engine.quant.resolve_quantization`), its layers also get
-    the file's Q4_1 weights for small steps."""
+    the file's Q4_1 weights for small steps. `tp` = (rank, world): keep only that rank's
+    tensor-parallel slices (engine/tensor_parallel.py; dense weights); rank 0 also keeps the full
+    LM head as `full_lm_head`, for the drafter."""
     with torch.device("meta"):
         model = CausalLM(ckpt.arch)
     model = model.to_empty(device="cpu")
@@ -81,8 +84,16 @@ def build_model(ckpt: LoadedCheckpoint, device: torch.device, dtype: torch.dtype
         raise ModelLoadError(f"cannot load the weights of {ckpt.name}: {e}") from e
     model = model.to(device=device, dtype=dtype).eval()
     model.rotary.reset_tables()
+    full_lm_head = None
+    if tp is not None:
+        full_lm_head = tensor_parallel.shard(model, *tp)
+        quantization = "none"
     if device.type == "cpu" and torch.backends.mkldnn.is_available():
         model.pack_weights()
+        if full_lm_head is not None:
+            prepack_linears(full_lm_head)
+    if tp is not None:
+        model.full_lm_head = full_lm_head if tp[0] == 0 else None
     quantization = resolve_quantization(quantization, device, dtype, len(ckpt.q4_weights))
     if quantization == "int4":
         logger.info("int4 weights for %d projections (steps of few tokens)", model.attach_int4(ckpt.q4_weights))
