@@ -37,14 +37,12 @@ def test_streams_what_one_rank_serves(tp_server, real_server):
     assert "tensor parallel: 2 ranks over gloo" in tp_server.log()
 
 
-def test_terminate_stops_every_rank(tmp_path):
-    proc = ServerProcess(["--device", "cpu", "--dtype", "float32", "--tensor-parallel-size", "2",
-                          "--num-threads", "1", "--kv-cache-bytes", str(64 << 20), "--draft", "none"],
-                         tmp_path / "server.log").wait_healthy()
+def test_terminate_stops_every_rank(tp_server):
+    """Last in this file: it stops the module's server (the fixture's own terminate is then a no-op)."""
     import psutil
 
-    children = psutil.Process(proc.proc.pid).children(recursive=True)
+    children = psutil.Process(tp_server.proc.pid).children(recursive=True)
     assert children, "the second rank runs as a child process"
-    assert proc.terminate(timeout=60) is not None
+    assert tp_server.terminate(timeout=60) is not None
     _, alive = psutil.wait_procs(children, timeout=30)
     assert not alive, [p.cmdline() for p in alive]
