@@ -5,7 +5,7 @@ import logging
 from bench.common import RESULTS
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
-from engine.sps_profiler import load_or_profile, profile_key
+from engine.sps_profiler import load_or_profile
 
 logger = logging.getLogger(__name__)
 
@@ -15,11 +15,9 @@ def profile_and_plot(config: EngineConfig, refresh: bool = False) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import torch
 
     engine = LLMEngine(config)
-    key = profile_key(engine.model_name, engine.device, config.dtype, torch.get_num_threads(),
-                      engine.block_manager.block_size, engine.model.quantization)
+    key = engine.sps_key
     table = load_or_profile(engine.runner, engine.block_manager, key,
                             config.scheduler.max_num_batched_tokens, refresh=refresh)
     print(f"SPS profile {key}")

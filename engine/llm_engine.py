@@ -115,10 +115,11 @@ class LLMEngine:
             policy = "scheduled" if drafter is not None and drafter.gives_confidences else "fixed"
             sched_config = replace(sched_config, verify_policy=policy)
         self.sps = None
+        # the SPS profile's cache key: what changes step times
+        self.sps_key = profile_key(self.model_name, self.device, config.dtype, torch.get_num_threads(),
+                                   block_size, self.model.quantization, tp)
         if drafter is not None and sched_config.verify_policy in ("scheduled", "causal"):
-            key = profile_key(self.model_name, self.device, config.dtype, torch.get_num_threads(),
-                              block_size, self.model.quantization)
-            self.sps = load_or_profile(self.runner, self.block_manager, key,
+            self.sps = load_or_profile(self.runner, self.block_manager, self.sps_key,
                                        sched_config.max_num_batched_tokens)
         self.scheduler = Scheduler(sched_config, self.block_manager, self.sps)
         if drafter is not None:  # the policy above is the drafter's; predictions ride along
