@@ -1,6 +1,6 @@
 """Every error leaves the server in OpenAI's shape: {"error": {message, type, param, code}}.
 
-The engine's error classes map to statuses here (InvalidRequest 400, CapacityExceeded 429,
+The engine's error classes map to statuses here (InvalidRequest 400, CapacityExceeded 503 with Retry-After,
 EngineDead 503); body validation errors are 400 (never FastAPI's 422); unknown routes 404;
 anything unexpected a 500 without a traceback in the body.
 """
@@ -72,7 +72,9 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(400, str(exc), exc.param)
 
     async def capacity(_: Request, exc: CapacityExceeded) -> JSONResponse:
-        return error_response(429, str(exc), code="queue_full")
+        # the server is overloaded, not the client over a quota (that is a 429): retry soon,
+        # here or (behind a router) on another replica
+        return error_response(503, str(exc), code="queue_full", headers={"Retry-After": "1"})
 
     async def engine_dead(_: Request, exc: EngineDead) -> JSONResponse:
         return error_response(503, str(exc), code="unavailable")

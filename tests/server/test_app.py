@@ -197,7 +197,7 @@ def _request_when_up(url: str, method: str, path: str) -> httpx.Response:
 
 
 
-def test_full_waiting_queue_is_429(tiny_model_dir):
+def test_full_waiting_queue_is_503_with_retry_after(tiny_model_dir):
     config = ServerConfig(engine=tiny_engine_config(tiny_model_dir, max_num_seqs=1, max_waiting=1))
     engine = AsyncLLM(config.engine, SlowEngine)
     server = ThreadedServer(create_app(config, engine)).start()
@@ -221,7 +221,8 @@ def test_full_waiting_queue_is_429(tiny_model_dir):
 
     try:
         refused = asyncio.run(main())
-        assert refused.status_code == 429
+        assert refused.status_code == 503
+        assert refused.headers["retry-after"] == "1"
         assert refused.json()["error"]["code"] == "queue_full"
         assert "waiting queue is full" in refused.json()["error"]["message"]
     finally:
