@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
@@ -19,7 +20,7 @@ from server.config import ServerConfig
 from server.errors import APIError, install_error_handlers
 from server.formats import ChatFormat, CompletionFormat
 from server.metrics import Metrics
-from server.middleware import BodySizeLimitMiddleware, ErrorCountingMiddleware
+from server.middleware import BodySizeLimitMiddleware, ErrorCountingMiddleware, RequestIdMiddleware
 from server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -141,7 +142,13 @@ def create_app(config: ServerConfig, engine: AsyncLLM | None = None,
     app.state.server = state
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=config.max_request_bytes)
-    app.add_middleware(ErrorCountingMiddleware, metrics=state.metrics)  # outermost: sees 413s too
+    if config.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins),
+                           allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+                           expose_headers=["X-Request-Id"])
+    app.add_middleware(ErrorCountingMiddleware, metrics=state.metrics)  # sees 413s too
+    app.add_middleware(RequestIdMiddleware)  # outermost: every response carries its id
 
     chat_page = CHAT_PAGE.read_text(encoding="utf-8")
 

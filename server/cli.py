@@ -98,7 +98,8 @@ def _serve(args: argparse.Namespace) -> int:
                           api_key=args.api_key, served_model_name=args.served_model_name,
                           max_request_bytes=args.max_request_bytes,
                           drain_timeout=args.drain_timeout, log_level=args.log_level,
-                          reasoning_parser=args.reasoning_parser)
+                          reasoning_parser=args.reasoning_parser,
+                          cors_origins=tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()))
     return serve(config)
 
 
@@ -160,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--reasoning-parser", choices=PARSERS, default=envs.get("DSPARK_REASONING_PARSER"),
                        help="return think blocks as reasoning_content: auto (when the chat template "
                             "has them), think (always), none")
+    serve.add_argument("--cors-origins", default=envs.get("DSPARK_CORS_ORIGINS"),
+                       help="comma-separated origins allowed to call the API from a browser "
+                            "(default: none, CORS off)")
     add_engine_args(serve)
     serve.set_defaults(func=_serve)
 

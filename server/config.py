@@ -19,3 +19,5 @@ class ServerConfig:
     log_level: str = "info"
     # reasoning_content from think blocks: "auto" (when the chat template has them), "think", "none"
     reasoning_parser: str = "auto"
+    # origins a browser page may call the API from (CORS); empty: no cross-origin access
+    cors_origins: tuple[str, ...] = ()

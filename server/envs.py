@@ -26,6 +26,8 @@ _VARS = [
     EnvVar("DSPARK_DRAIN_TIMEOUT", 30.0, float,
            "seconds running requests may take to finish after SIGTERM"),
     EnvVar("DSPARK_LOG_LEVEL", "info", str, "log level of the server (debug, info, warning, ...)"),
+    EnvVar("DSPARK_CORS_ORIGINS", "", str,
+           "comma-separated origins browsers may call the API from (empty: CORS off)"),
     EnvVar("DSPARK_REASONING_PARSER", "auto", str,
            "think blocks as reasoning_content: auto (when the chat template has them), think, none"),
 ]

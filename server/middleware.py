@@ -1,5 +1,9 @@
-"""ASGI middleware: a request body size limit (413), enforced while the body streams in, and
-the count of error responses for the metrics."""
+"""ASGI middleware: a request body size limit (413), enforced while the body streams in, the
+count of error responses for the metrics, and request ids."""
+
+import logging
+import re
+import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -72,3 +76,32 @@ class ErrorCountingMiddleware:
             await send(message)
 
         await self.app(scope, receive, counting_send)
+
+
+logger = logging.getLogger("server.requests")
+# a client's id is echoed when it is a plain token; anything else gets a fresh one
+_CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+class RequestIdMiddleware:
+    """Echo the client's `X-Request-Id` (or a new one) on the response and log it with the
+    method, path and status: one line per request, never its prompt or output."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        sent = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = sent if _CLIENT_ID.fullmatch(sent) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                logger.info("%s %s %s -> %d", request_id, scope["method"], scope["path"], message["status"])
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)

@@ -227,3 +227,40 @@ def test_full_waiting_queue_is_503_with_retry_after(tiny_model_dir):
         assert "waiting queue is full" in refused.json()["error"]["message"]
     finally:
         server.stop()
+
+
+def test_request_id_is_echoed_or_made_and_logged(tiny_client, caplog):
+    import logging
+    import re
+
+    with caplog.at_level(logging.INFO, logger="server.requests"):
+        mine = tiny_client.post("/v1/chat/completions", json=CHAT, headers={"X-Request-Id": "trace-42:a.b"})
+        made = tiny_client.get("/health")
+        odd = tiny_client.get("/v1/models", headers={"X-Request-Id": "has spaces; and=" + "x" * 200})
+    assert mine.status_code == 200 and mine.headers["x-request-id"] == "trace-42:a.b"
+    assert re.fullmatch(r"[0-9a-f]{32}", made.headers["x-request-id"])
+    assert re.fullmatch(r"[0-9a-f]{32}", odd.headers["x-request-id"])
+    logged = [r.getMessage() for r in caplog.records if r.name == "server.requests"]
+    assert "trace-42:a.b POST /v1/chat/completions -> 200" in logged
+    assert not any("hi there" in line for line in logged)  # never the prompt
+
+
+def test_cors_is_off_by_default_and_limited_to_the_configured_origins(tiny_model_dir, tiny_client):
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    off = tiny_client.options("/v1/chat/completions", headers=preflight)
+    assert "access-control-allow-origin" not in off.headers
+    config = ServerConfig(engine=tiny_engine_config(tiny_model_dir), cors_origins=("https://app.example",))
+    server = ThreadedServer(create_app(config)).start()
+    try:
+        wait_healthy(server.url, 60)
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            ok = client.options("/v1/chat/completions", headers=preflight)
+            other = client.options("/v1/chat/completions", headers={**preflight, "Origin": "https://evil.example"})
+            simple = client.get("/v1/models", headers={"Origin": "https://app.example"})
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "https://app.example"
+        assert "access-control-allow-origin" not in other.headers
+        assert simple.headers["access-control-allow-origin"] == "https://app.example"
+        assert "x-request-id" in simple.headers["access-control-expose-headers"].lower()
+    finally:
+        server.stop()
