@@ -28,8 +28,8 @@ class SchedulerConfig:
     # Per-step token budget; also the largest prefill chunk.
     max_num_batched_tokens: int = 512
     # Waiting requests beyond this are refused (CapacityExceeded: 503 with Retry-After at the
-    # server): a bounded queue sheds load instead of letting TTFT grow without bound; 0: no limit.
-    max_waiting: int = 512
+    # server); 0: no limit (the offline engine's default; `dspark serve` bounds it, server/cli.py).
+    max_waiting: int = 0
     # How many draft tokens each decoding request verifies (see scheduler/verify_policy.py);
     # "auto": "scheduled" for drafters that give confidences, else "fixed".
     verify_policy: str = "auto"

@@ -77,6 +77,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 # `dspark serve` on the embedded default model speculates with its shipped DSpark drafter
 # (trained for that model only) at the γ it was trained and evaluated with.
 DEFAULT_SERVE_DRAFT, DEFAULT_SERVE_NUM_DRAFT_TOKENS = "dspark", 7
+# A server sheds load past this many queued requests (503 + Retry-After) rather than letting
+# TTFT grow without bound; the offline engine queues everything it is given.
+DEFAULT_SERVE_MAX_WAITING = 512
 
 
 def apply_serve_draft_default(args: argparse.Namespace) -> None:
@@ -165,7 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated origins allowed to call the API from a browser "
                             "(default: none, CORS off)")
     add_engine_args(serve)
-    serve.set_defaults(func=_serve)
+    serve.set_defaults(func=_serve, max_waiting=DEFAULT_SERVE_MAX_WAITING)
+    for action in serve._actions:
+        if action.dest == "max_waiting":
+            action.help = (f"queued requests beyond this get 503 with Retry-After (default "
+                           f"{DEFAULT_SERVE_MAX_WAITING}; 0: no limit)")
 
     gen = sub.add_parser("generate", help="print one chat reply of the model")
     gen.add_argument("prompt")

@@ -10,7 +10,7 @@ import pytest
 from bench import serve as bench_serve
 from engine.config import CacheConfig, EngineConfig
 from scheduler import SchedulerConfig
-from server.cli import build_parser, engine_config
+from server.cli import DEFAULT_SERVE_MAX_WAITING, build_parser, engine_config
 from server.process import ServerProcess
 from tests.server.conftest import API_KEY
 from tests.server.helpers import REPO
@@ -48,7 +48,10 @@ def test_engine_flags_follow_engine_config(tiny_model_dir):
                                   max_model_len=256, cache=config.cache,
                                   scheduler=config.scheduler)
     defaults = engine_config(parser.parse_args(["serve", "--device", "cpu", "--dtype", "float32"]))
-    assert defaults == EngineConfig(device="cpu", dtype="float32")
+    # a server bounds its queue; the offline engine (EngineConfig's default) does not
+    assert defaults == EngineConfig(device="cpu", dtype="float32",
+                                    scheduler=SchedulerConfig(max_waiting=DEFAULT_SERVE_MAX_WAITING))
+    assert SchedulerConfig().max_waiting == 0 and DEFAULT_SERVE_MAX_WAITING == 512
 
 
 def test_api_key_from_environment(monkeypatch):
