@@ -75,11 +75,13 @@ def prepack_linears(module: nn.Module) -> None:
             m.pack_weight(keep_dense=True)
 
 
-def linear_of_rows(weight: torch.Tensor, rows: torch.Tensor) -> Linear:
-    """A bias-free `Linear` computing only the given output rows of `weight` [out, in]."""
-    lin = Linear(weight.shape[1], rows.numel(), bias=False, device=weight.device, dtype=weight.dtype)
+def linear_of_rows(weight: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
+    """A frozen `Linear` computing only the given output rows of `weight` [out, in] (and `bias`)."""
+    lin = Linear(weight.shape[1], rows.numel(), bias=bias is not None, device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         lin.weight.copy_(weight.detach()[rows])
+        if bias is not None:
+            lin.bias.copy_(bias.detach()[rows])
     return lin.requires_grad_(False)
 
 

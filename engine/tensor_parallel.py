@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from engine.config import EngineConfig, ModelArchConfig
-from engine.model import AttentionContext, CausalLM, Linear
+from engine.model import AttentionContext, CausalLM, Linear, linear_of_rows
 
 logger = logging.getLogger(__name__)
 
@@ -69,14 +69,6 @@ class RowParallel(nn.Module):
         return y
 
 
-def _rows(linear: Linear, index: torch.Tensor) -> Linear:
-    out = Linear(linear.in_features, index.numel(), bias=linear.bias is not None)
-    out.weight = nn.Parameter(linear.weight.detach().index_select(0, index).clone(), requires_grad=False)
-    if linear.bias is not None:
-        out.bias = nn.Parameter(linear.bias.detach().index_select(0, index).clone(), requires_grad=False)
-    return out
-
-
 def _columns(linear: Linear, lo: int, hi: int) -> Linear:
     out = Linear(hi - lo, linear.out_features, bias=linear.bias is not None)
     out.weight = nn.Parameter(linear.weight.detach()[:, lo:hi].clone(), requires_grad=False)
@@ -106,17 +98,17 @@ def shard(model: CausalLM, rank: int, world: int) -> Linear:
     gate_up_rows = torch.cat([torch.arange(inter_lo, inter_hi), inter + torch.arange(inter_lo, inter_hi)])
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        attn.qkv_proj = _rows(attn.qkv_proj, qkv_rows)
+        attn.qkv_proj = linear_of_rows(attn.qkv_proj.weight, qkv_rows, attn.qkv_proj.bias)
         attn.o_proj = RowParallel(_columns(attn.o_proj, q_lo, q_hi))
         attn.num_kv_heads, attn.num_heads = kv_hi - kv_lo, (kv_hi - kv_lo) * group
         attn.q_size, attn.kv_size = attn.num_heads * d, attn.num_kv_heads * d
-        mlp.gate_up_proj = _rows(mlp.gate_up_proj, gate_up_rows)
+        mlp.gate_up_proj = linear_of_rows(mlp.gate_up_proj.weight, gate_up_rows)
         mlp.down_proj = RowParallel(_columns(mlp.down_proj, inter_lo, inter_hi))
     chunk = vocab_chunk(cfg.vocab_size, world)
     lo = rank * chunk
     rows = torch.arange(lo, lo + chunk).clamp(max=cfg.vocab_size - 1)  # padding repeats the last row
     full = model.lm_head
-    model.lm_head = _rows(full, rows)
+    model.lm_head = linear_of_rows(full.weight, rows)
     return full
 
 
@@ -187,8 +179,7 @@ def start_workers(config: EngineConfig, num_blocks: int, block_size: int) -> lis
                for rank in range(1, world)]
     for w in workers:
         w.start()
-    logger.info("tensor parallel: %d ranks over %s, %d threads each", world,
-                "nccl" if config.device.startswith("cuda") else "gloo", threads)
+    logger.info("tensor parallel: %d ranks over %s, %d threads each", world, _backend(config), threads)
     # join in a side thread, so a worker that dies while loading is an error here, not a hang
     joined, errors = threading.Event(), []
 
@@ -215,10 +206,13 @@ def start_workers(config: EngineConfig, num_blocks: int, block_size: int) -> lis
 _COLLECTIVE_TIMEOUT = timedelta(days=365)
 
 
+def _backend(config: EngineConfig) -> str:
+    return "nccl" if config.device.startswith("cuda") else "gloo"
+
+
 def init_group(spec: WorkerSpec, rank: int) -> None:
-    backend = "nccl" if spec.config.device.startswith("cuda") else "gloo"
-    dist.init_process_group(backend, init_method=spec.init_method, rank=rank, world_size=spec.world,
-                            timeout=_COLLECTIVE_TIMEOUT)
+    dist.init_process_group(_backend(spec.config), init_method=spec.init_method, rank=rank,
+                            world_size=spec.world, timeout=_COLLECTIVE_TIMEOUT)
 
 
 def device_of(config: EngineConfig, rank: int) -> torch.device:
