@@ -104,9 +104,8 @@ def collect(model, target, seqs, max_blocks: int | None, seed: int, anchors_per_
     Many anchors per sequence and every sequence: blocks of one response are correlated, so
     the number of responses, not of blocks, bounds how well a 15-bin ECE is measured."""
     batch_seqs = max(1, 64 // anchors_per_seq)  # ~64 blocks per forward bounds the [N, γ, V] logits
-    from draft.training.anchors import sample_anchors
     from draft.training.losses import acceptance_labels, tv_distance
-    from draft.training.trainer import make_batch, target_probs
+    from draft.training.trainer import anchors_of, make_batch, target_probs
 
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
@@ -115,9 +114,7 @@ def collect(model, target, seqs, max_blocks: int | None, seed: int, anchors_per_
     count = 0
     for start in range(0, len(seqs), batch_seqs):
         part = seqs[start:start + batch_seqs]
-        anchors, keep = sample_anchors([s.num_prompt_tokens for s in part], [len(s.token_ids) for s in part],
-                                       anchors_per_seq, gen)
-        batch = make_batch(part, anchors, keep, device)
+        batch = make_batch(part, *anchors_of(part, anchors_per_seq, gen), device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cpu"):
             d_logits, conf, label_pos, mask = model.train_forward(
                 batch["token_ids"], batch["features"], batch["num_tokens"], batch["anchors"], batch["keep"])

@@ -44,6 +44,7 @@ class DataParallel:
         return torch.device("cpu")
 
     def wrap(self, step: nn.Module) -> nn.Module:
+        """DDP around `step` under torchrun; `step` itself in one process."""
         if not self.enabled:
             return step
         ids = [self.local_rank] if next(step.parameters()).is_cuda else None

@@ -104,13 +104,18 @@ def lr_at(step: int, cfg: TrainConfig, elapsed_s: float = 0.0) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def anchors_of(seqs: list[Sequence], anchors_per_seq: int, gen: torch.Generator
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random anchors of these sequences (token counts only, no features read)."""
+    return sample_anchors([s.num_prompt_tokens for s in seqs], [len(s.token_ids) for s in seqs],
+                          anchors_per_seq, gen)
+
+
 def sample_batch(seqs: list[Sequence], num_seqs: int, anchors_per_seq: int, gen: torch.Generator
                  ) -> tuple[list[Sequence], torch.Tensor, torch.Tensor]:
-    """A global batch: random sequences and their anchors (token counts only, no features read)."""
+    """A global batch: random sequences and their anchors."""
     chosen = [seqs[i] for i in torch.randint(len(seqs), (num_seqs,), generator=gen).tolist()]
-    anchors, keep = sample_anchors([s.num_prompt_tokens for s in chosen], [len(s.token_ids) for s in chosen],
-                                   anchors_per_seq, gen)
-    return chosen, anchors, keep
+    return chosen, *anchors_of(chosen, anchors_per_seq, gen)
 
 
 def make_batch(seqs: list[Sequence], anchors: torch.Tensor, keep: torch.Tensor, device) -> dict:
@@ -280,7 +285,7 @@ def _train(cfg: TrainConfig, dp: distributed.DataParallel) -> Path:
         step = state["step"]
         trained_s = state.get("trained_s", 0.0)
         logger.info("resumed %s at step %d", out, step)
-    step_module = dp.wrap(TrainStep(model)) if dp.enabled else None
+    step_module = dp.wrap(TrainStep(model))
     num_params = sum(p.numel() for p in params)
     logger.info("training %s (%.2fM parameters, target layers %s) on %d sequences, %s%s",
                 model_cfg["kind"], num_params / 1e6, list(layers), len(seqs), device,
@@ -341,11 +346,14 @@ def _train(cfg: TrainConfig, dp: distributed.DataParallel) -> Path:
                 save()
             if cfg.stop_step is not None and step >= cfg.stop_step:
                 break
-            if dp.agree(cfg.max_minutes is not None and time.perf_counter() - t0 > 60 * cfg.max_minutes):
-                logger.info("stopping at step %d after %.1f minutes", step, cfg.max_minutes)
-                break
-            if dp.agree(cfg.schedule_minutes is not None and time.perf_counter() - t0 > 60 * cfg.schedule_minutes):
-                logger.info("wall-clock schedule spent at step %d", step)
+            minutes = (time.perf_counter() - t0) / 60
+            over_max = cfg.max_minutes is not None and minutes > cfg.max_minutes
+            over_schedule = cfg.schedule_minutes is not None and minutes > cfg.schedule_minutes
+            if dp.agree(over_max or over_schedule):  # one broadcast: rank 0's clock decides
+                if over_max:
+                    logger.info("stopping at step %d after %.1f minutes", step, cfg.max_minutes)
+                else:
+                    logger.info("wall-clock schedule spent at step %d", step)
                 break
         if step % cfg.save_every or step == 0:  # not saved just now
             save()

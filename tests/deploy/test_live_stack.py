@@ -4,7 +4,6 @@ traffic, then every recording rule, alert and dashboard query through Prometheus
 
 import math
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from tests.deploy.helpers import (
     PROMETHEUS_DIR,
     alert_rules,
     dashboards,
+    free_port,
     missing_metrics,
     panel_targets,
     recording_rules,
@@ -39,12 +39,6 @@ NONEMPTY_PANELS = {"Per-user tokens/s (p50)", "Per-user tokens/s (p50, p90)",
 NUM_CLIENTS = 4
 MAX_TOKENS = 16
 RATE_WINDOW = "60s"  # stands in for Grafana's $__rate_interval: covers the whole traffic phase
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Prometheus:

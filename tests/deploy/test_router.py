@@ -9,7 +9,6 @@ already relayed), never hang, and every new request succeeds on the survivors.""
 import asyncio
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,18 +18,13 @@ import httpx
 import pytest
 
 from server.process import ServerProcess
+from tests.deploy.helpers import free_port
 
 pytest.importorskip("sglang_router")
 pytestmark = pytest.mark.slow
 
 MODEL = "SmolLM2-135M-Instruct"
 STREAM_TIMEOUT = 120.0  # far above a 48-token stream here; a hang fails the test
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Router:
