@@ -7,6 +7,7 @@ validates and saves, in the single-process format. Without torchrun's environmen
 unset or 1) nothing here does anything.
 """
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -67,10 +68,6 @@ class DataParallel:
         dist.broadcast(t, src=0)
         return bool(t.item())
 
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
-
 
 def start() -> DataParallel:
     """Join torchrun's process group when launched by it."""
@@ -87,5 +84,9 @@ def start() -> DataParallel:
 
 
 def stop(dp: DataParallel) -> None:
+    """Leave the group once every rank is done and DDP's reducer (which holds the group) is gone:
+    destroying the group under a live reducer aborts the process at exit."""
     if dp.enabled and dist.is_initialized():
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()

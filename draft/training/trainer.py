@@ -221,7 +221,6 @@ def train(cfg: TrainConfig) -> Path:
     try:
         return _train(cfg, dp)
     finally:
-        dp.barrier()
         distributed.stop(dp)
 
 
