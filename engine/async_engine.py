@@ -19,11 +19,10 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine, StepStats
 from engine.output_processor import RequestOutput
 from engine.tokenizer import Tokenizer
-from scheduler import EngineDead, InvalidRequest, SamplingParams
+from scheduler import EngineDead, InvalidRequest, RequestFailed, SamplingParams
 from scheduler.block_manager import PrefixCacheStats
 
 logger = logging.getLogger(__name__)
-
 
 
 class _Aborted:
@@ -94,11 +93,17 @@ class AsyncLLM:
         self._stats = EngineStats()
         self._error: BaseException | None = None  # why the loop stopped, once it has
         self._step_listeners: list[Callable[[StepStats], None]] = []
+        self._death_listeners: list[Callable[[BaseException], None]] = []
         self._last_step: StepStats | None = None
 
     def add_step_listener(self, listener: Callable[[StepStats], None]) -> None:
         """Call `listener` on the engine thread with the statistics of every engine step."""
         self._step_listeners.append(listener)
+
+    def add_death_listener(self, listener: Callable[[BaseException], None]) -> None:
+        """Call `listener(error)` on the event loop if the step loop dies (not on `stop()`),
+        after every in-flight stream has been failed."""
+        self._death_listeners.append(listener)
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -206,6 +211,10 @@ class AsyncLLM:
                 if isinstance(item, BaseException):
                     finished = True  # the engine no longer knows this request
                     raise item
+                if item.finish_reason == "error":
+                    finished = True
+                    raise RequestFailed("the model computed non-finite values (NaN or inf) for this "
+                                        "request, so it was stopped; no such token was sent")
                 finished = item.finished
                 yield item
                 if finished:
@@ -243,6 +252,8 @@ class AsyncLLM:
             logger.exception("the engine step loop died")
             self._error = EngineDead(f"the engine step loop died: {e!r}")
             self._post(self._fail_streams, self._error)
+            for listener in self._death_listeners:
+                self._post(listener, self._error)
             return
         self._error = EngineDead("the engine has stopped")
 

@@ -174,7 +174,7 @@ class LLMEngine:
         self.validate_token_ids(params)
         if params.structured is not None:
             self.grammar_compiler().check(params.structured)
-        if params.prediction is not None and self.runner.drafter is None:
+        if params.prediction is not None and self.runner.drafter is None and not self.runner.drafting_failed:
             # plain decoding until now: the runner drafts from predictions from here on (set
             # between steps, so no forward sees it change)
             self.runner.drafter = PredictionDrafter(None)

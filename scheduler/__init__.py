@@ -3,10 +3,12 @@
 from scheduler.block_manager import BlockManager
 from scheduler.errors import (
     CapacityExceeded,
+    DeadlineExceeded,
     DSparkError,
     EngineDead,
     InvalidRequest,
     ModelLoadError,
+    RequestFailed,
 )
 from scheduler.outputs import (
     ModelRunnerOutput,
@@ -21,9 +23,24 @@ from scheduler.scheduler import Scheduler, SchedulerConfig
 from scheduler.verify_planner import plan_verify_lengths
 
 __all__ = [
-    "BlockManager", "CapacityExceeded", "DSparkError", "EngineDead", "InvalidRequest",
-    "ModelLoadError", "ModelRunnerOutput", "Request", "RequestStatus", "RequestUpdate",
-    "SamplingParams", "ScheduledRequest", "Scheduler", "SchedulerConfig", "SchedulerOutput",
-    "StructuredOutput", "TokenLogprob",
+    "BlockManager",
+    "CapacityExceeded",
+    "DSparkError",
+    "DeadlineExceeded",
+    "EngineDead",
+    "InvalidRequest",
+    "ModelLoadError",
+    "ModelRunnerOutput",
+    "Request",
+    "RequestFailed",
+    "RequestStatus",
+    "RequestUpdate",
+    "SamplingParams",
+    "ScheduledRequest",
+    "Scheduler",
+    "SchedulerConfig",
+    "SchedulerOutput",
+    "StructuredOutput",
+    "TokenLogprob",
     "plan_verify_lengths",
 ]

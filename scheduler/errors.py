@@ -17,6 +17,14 @@ class CapacityExceeded(DSparkError):
     """The engine cannot take more work right now (HTTP 429)."""
 
 
+class RequestFailed(DSparkError):
+    """The engine could not compute this one request (HTTP 500); the others go on."""
+
+
+class DeadlineExceeded(DSparkError):
+    """The request ran past the server's --request-timeout (HTTP 504; in-band when streaming)."""
+
+
 class EngineDead(DSparkError):
     """The engine loop stopped and cannot serve (HTTP 503)."""
 

@@ -89,6 +89,9 @@ class ModelRunnerOutput:
     # the drafting pass alone, without catching up context held while resting: what one
     # more drafting step costs (the verify policy weighs it)
     draft_pass_seconds: float = 0.0
+    # indices (into req_ids) of requests whose logits were not finite: they sampled nothing
+    # and are stopped with finish reason "error"
+    failed: frozenset[int] = frozenset()
 
 
 @dataclass(slots=True)

@@ -184,6 +184,12 @@ class Scheduler:
             if scored is not None and req.prompt_logprobs is not None:
                 first, values = scored  # a recomputed chunk rewrites the same values
                 req.prompt_logprobs[first:first + len(values)] = values
+            if idx in runner_out.failed:
+                self.running.remove(req)
+                self._finish(req, RequestStatus.FINISHED_ERROR)
+                updates.append(RequestUpdate(req_id, [], RequestStatus.FINISHED_ERROR.finish_reason,
+                                             req.num_prompt_tokens))
+                continue
             if sched.fork_req_ids and sched.sample:
                 self._fork_parked(req)  # its prompt is now in the KV: the other choices share it
             # Drafts past the first rejection left garbage KV: roll it back by length.

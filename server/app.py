@@ -1,11 +1,10 @@
 """The FastAPI app: factory, lifespan (load in the background, drain on shutdown) and routes."""
 
 import asyncio
-import hmac
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, TypeVar
 
@@ -20,7 +19,12 @@ from server.config import ServerConfig
 from server.errors import APIError, install_error_handlers
 from server.formats import ChatFormat, CompletionFormat
 from server.metrics import Metrics
-from server.middleware import BodySizeLimitMiddleware, ErrorCountingMiddleware, RequestIdMiddleware
+from server.middleware import (
+    BodySizeLimitMiddleware,
+    ErrorCountingMiddleware,
+    RequestIdMiddleware,
+    StalledClientMiddleware,
+)
 from server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -33,6 +37,7 @@ from server.protocol import (
 )
 from server.reasoning import enabled
 from server.serving import ServingContext, detokenize, plan_chat, plan_completion, respond, tokenize
+from server.tenants import Tenants
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +54,11 @@ class ServerState:
     serving: ServingContext | None = None  # set once the model is loaded
     load_error: BaseException | None = None
     draining: bool = False
-    # Called when the server cannot ever serve (the model failed to load), e.g. to exit.
+    tenants: Tenants = field(default_factory=Tenants)
+    # Called when the server cannot ever serve (the model failed to load, the engine died),
+    # e.g. to exit so that a supervisor restarts it.
     on_fatal: Callable[[], None] | None = None
+    engine_failed: bool = False
 
     def start_draining(self) -> None:
         if not self.draining:
@@ -72,6 +80,13 @@ class ServerState:
                            headers={"Retry-After": "5"})
         return self.serving
 
+    def engine_died(self, error: BaseException) -> None:
+        logger.critical("%s; every in-flight request was failed; exiting so that the supervisor "
+                        "restarts the server", error)
+        self.engine_failed = True
+        if self.on_fatal is not None:
+            self.on_fatal()
+
     async def finish_loading(self) -> None:
         try:
             info = await self.engine.wait_loaded()
@@ -84,7 +99,8 @@ class ServerState:
         name = self.config.served_model_name or info.model_name
         self.metrics.bind_model(name)
         reasoning = enabled(self.config.reasoning_parser, info.tokenizer.chat_template)
-        self.serving = ServingContext(self.engine, self.metrics, name, info.max_model_len, reasoning)
+        self.serving = ServingContext(self.engine, self.metrics, name, info.max_model_len, reasoning,
+                                      self.tenants, self.config.request_timeout)
         logger.info("ready: serving model %r on %s (%s), max_model_len %d", name, info.device,
                     info.dtype, info.max_model_len)
 
@@ -102,14 +118,7 @@ Serving = Annotated[ServingContext, Depends(_serving)]
 
 
 async def _check_api_key(request: Request) -> None:
-    key = _state(request).config.api_key
-    if key is None:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    # compare_digest: no timing side channel on the key.
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-        raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
-                       code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    request.state.tenant = _state(request).tenants.authenticate(request.headers.get("authorization", ""))
 
 
 async def _parse(request: Request, model: type[B]) -> B:
@@ -121,8 +130,10 @@ async def _parse(request: Request, model: type[B]) -> B:
 def create_app(config: ServerConfig, engine: AsyncLLM | None = None,
                on_fatal: Callable[[], None] | None = None) -> FastAPI:
     """The app; `engine` defaults to an `AsyncLLM` of `config.engine`, loaded at startup."""
-    state = ServerState(config, engine or AsyncLLM(config.engine), Metrics(), on_fatal=on_fatal)
+    state = ServerState(config, engine or AsyncLLM(config.engine), Metrics(),
+                        tenants=Tenants.from_options(config.api_key, config.api_keys_file), on_fatal=on_fatal)
     state.engine.add_step_listener(state.metrics.observe_step)
+    state.engine.add_death_listener(state.engine_died)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -141,13 +152,15 @@ def create_app(config: ServerConfig, engine: AsyncLLM | None = None,
     app = FastAPI(title="dspark-serve", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = state
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=config.max_request_bytes)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=config.max_request_bytes,
+                       timeout=config.body_timeout)
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins),
                            allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
                            expose_headers=["X-Request-Id"])
     app.add_middleware(ErrorCountingMiddleware, metrics=state.metrics)  # sees 413s too
+    app.add_middleware(StalledClientMiddleware, timeout=config.send_timeout)
     app.add_middleware(RequestIdMiddleware)  # outermost: every response carries its id
 
     chat_page = CHAT_PAGE.read_text(encoding="utf-8")

@@ -98,7 +98,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     apply_serve_draft_default(args)
     config = ServerConfig(engine=engine_config(args), host=args.host, port=args.port,
-                          api_key=args.api_key, served_model_name=args.served_model_name,
+                          api_key=args.api_key, api_keys_file=args.api_keys_file,
+                          request_timeout=args.request_timeout or None,
+                          served_model_name=args.served_model_name,
                           max_request_bytes=args.max_request_bytes,
                           drain_timeout=args.drain_timeout, log_level=args.log_level,
                           reasoning_parser=args.reasoning_parser,
@@ -152,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="0 picks a free port (logged at startup)")
     serve.add_argument("--api-key", default=envs.get("DSPARK_API_KEY"),
                        help="require 'Authorization: Bearer KEY' on /v1/* (env DSPARK_API_KEY)")
+    serve.add_argument("--api-keys-file", default=envs.get("DSPARK_API_KEYS_FILE"),
+                       help="JSON file of API keys, each with optional limits: max_concurrent "
+                            "requests and tokens_per_minute (429 beyond them); see server/tenants.py")
+    serve.add_argument("--request-timeout", type=float, default=envs.get("DSPARK_REQUEST_TIMEOUT"),
+                       help="abort a request still running after this many seconds: 504, or an "
+                            "error event when streaming (default 0: no limit)")
     serve.add_argument("--served-model-name", default=None,
                        help="the `model` clients send (default: the checkpoint's name)")
     serve.add_argument("--max-request-bytes", type=int,

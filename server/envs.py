@@ -20,6 +20,10 @@ class EnvVar:
 _VARS = [
     EnvVar("DSPARK_API_KEY", None, str,
            "bearer token required on /v1/* (health and metrics stay open); unset = no auth"),
+    EnvVar("DSPARK_API_KEYS_FILE", None, str,
+           "JSON file of API keys with per-key limits (concurrent requests, tokens per minute)"),
+    EnvVar("DSPARK_REQUEST_TIMEOUT", 0.0, float,
+           "seconds after which a running request is aborted (0 = no limit)"),
     EnvVar("DSPARK_HOST", "127.0.0.1", str, "address `dspark serve` binds to"),
     EnvVar("DSPARK_PORT", 8000, int, "port `dspark serve` listens on (0 = ephemeral)"),
     EnvVar("DSPARK_MAX_REQUEST_BYTES", 1 << 20, int, "largest request body accepted (else 413)"),

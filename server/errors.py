@@ -1,8 +1,9 @@
 """Every error leaves the server in OpenAI's shape: {"error": {message, type, param, code}}.
 
-The engine's error classes map to statuses here (InvalidRequest 400, CapacityExceeded 503 with Retry-After,
-EngineDead 503); body validation errors are 400 (never FastAPI's 422); unknown routes 404;
-anything unexpected a 500 without a traceback in the body.
+The engine's error classes map to statuses here (InvalidRequest 400, CapacityExceeded 503 with
+Retry-After, EngineDead 503, RequestFailed 500, DeadlineExceeded 504); body validation errors
+are 400 (never FastAPI's 422); unknown routes 404; anything unexpected a 500 without a
+traceback in the body.
 """
 
 import logging
@@ -15,14 +16,14 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from scheduler import CapacityExceeded, EngineDead, InvalidRequest
+from scheduler import CapacityExceeded, DeadlineExceeded, EngineDead, InvalidRequest, RequestFailed
 from server.protocol import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger(__name__)
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-          500: "server_error", 503: "service_unavailable_error"}
+          405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+          500: "server_error", 503: "service_unavailable_error", 504: "timeout_error"}
 MAX_REPORTED_ERRORS = 3
 
 
@@ -79,6 +80,12 @@ def install_error_handlers(app: FastAPI) -> None:
     async def engine_dead(_: Request, exc: EngineDead) -> JSONResponse:
         return error_response(503, str(exc), code="unavailable")
 
+    async def request_failed(_: Request, exc: RequestFailed) -> JSONResponse:
+        return error_response(500, str(exc), code="request_failed")
+
+    async def deadline(_: Request, exc: DeadlineExceeded) -> JSONResponse:
+        return error_response(504, str(exc), code="timeout")
+
     async def validation(_: Request, exc: ValidationError | RequestValidationError) -> JSONResponse:
         message, param = describe_validation_errors(exc.errors())
         return error_response(400, message, param)
@@ -97,6 +104,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(InvalidRequest, invalid_request)
     app.add_exception_handler(CapacityExceeded, capacity)
     app.add_exception_handler(EngineDead, engine_dead)
+    app.add_exception_handler(RequestFailed, request_failed)
+    app.add_exception_handler(DeadlineExceeded, deadline)
     app.add_exception_handler(ValidationError, validation)
     app.add_exception_handler(RequestValidationError, validation)
     app.add_exception_handler(StarletteHTTPException, http_error)

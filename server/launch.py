@@ -49,7 +49,7 @@ def serve(config: ServerConfig) -> int:
     """Serve until SIGTERM/SIGINT; returns the process exit code."""
     server: DrainingServer | None = None
 
-    def exit_now() -> None:  # the model cannot load: no point in staying up
+    def exit_now() -> None:  # the model cannot load or the engine died: no point in staying up
         if server is not None:
             server.should_exit = True
 
@@ -64,4 +64,5 @@ def serve(config: ServerConfig) -> int:
                 config.engine.model or "<embedded default>", config.engine.device,
                 config.engine.dtype)
     server.run(sockets=[sock])
-    return 1 if app.state.server.load_error is not None else 0
+    state = app.state.server
+    return 1 if state.load_error is not None or state.engine_failed else 0

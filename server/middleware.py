@@ -1,6 +1,8 @@
-"""ASGI middleware: a request body size limit (413), enforced while the body streams in, the
-count of error responses for the metrics, and request ids."""
+"""ASGI middleware: a request body size and time limit (413, 408), enforced while the body
+streams in, dropping clients that stop reading, the count of error responses for the metrics,
+and request ids."""
 
+import asyncio
 import logging
 import re
 import uuid
@@ -10,6 +12,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server.errors import error_response
 from server.metrics import Metrics
 
+stalled_logger = logging.getLogger("server.clients")
+
 # An over-limit body is still read (and dropped) up to this multiple of the limit before the 413
 # goes out: a client that is still uploading when the server answers and closes often sees a
 # reset connection instead of the 413. Beyond it the upload is cut off.
@@ -17,9 +21,13 @@ _DRAIN_FACTOR = 16
 
 
 class BodySizeLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    """Reads the whole body first: bounded in size (413) and in time (408, so a client that
+    trickles its body in cannot hold a connection and a task for ever)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout: float = 30.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout = timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -28,17 +36,24 @@ class BodySizeLimitMiddleware:
         # Read the whole body here, so chunked uploads (no Content-Length) are bounded too.
         chunks: list[bytes] = []
         size, more = 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return  # the client left before sending its body: nobody to answer
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            more = message.get("more_body", False)
-            if size <= self.max_bytes:
-                chunks.append(chunk)
-            elif size > _DRAIN_FACTOR * self.max_bytes:
-                break
+        try:
+            async with asyncio.timeout(self.timeout):
+                while more:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return  # the client left before sending its body: nobody to answer
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    more = message.get("more_body", False)
+                    if size <= self.max_bytes:
+                        chunks.append(chunk)
+                    elif size > _DRAIN_FACTOR * self.max_bytes:
+                        break
+        except TimeoutError:
+            response = error_response(408, f"the request body did not arrive within {self.timeout:g} s",
+                                      code="request_timeout", headers={"Connection": "close"})
+            await response(scope, receive, send)
+            return
         if size > self.max_bytes:
             response = error_response(
                 413, f"the request body is larger than the limit of {self.max_bytes} bytes",
@@ -56,6 +71,42 @@ class BodySizeLimitMiddleware:
             return await receive()  # after the body: waits for http.disconnect
 
         await self.app(scope, replay, send)
+
+
+class _ClientStalled(Exception):
+    pass
+
+
+class StalledClientMiddleware:
+    """Drops a client that takes no response bytes for `timeout` s (it stopped reading a
+    stream): the send gives up, the response ends and its request is aborted, freeing its KV,
+    instead of the stream waiting on a full socket for ever."""
+
+    def __init__(self, app: ASGIApp, timeout: float) -> None:
+        self.app = app
+        self.timeout = timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        stalled = False
+
+        async def timed_send(message: Message) -> None:
+            nonlocal stalled
+            try:
+                await asyncio.wait_for(send(message), self.timeout)
+            except TimeoutError:
+                stalled = True
+                raise _ClientStalled from None
+
+        try:
+            await self.app(scope, receive, timed_send)
+        except BaseException:  # starlette may wrap it in an exception group
+            if not stalled:
+                raise
+            stalled_logger.warning("%s %s: the client read nothing for %g s; dropped it",
+                                   scope["method"], scope["path"], self.timeout)
 
 
 class ErrorCountingMiddleware:

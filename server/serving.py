@@ -7,7 +7,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import suppress
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -32,6 +32,7 @@ from server.protocol import (
 )
 from server.reasoning import ReasoningSplitter, opens_in_prompt
 from server.streaming import sse_events
+from server.tenants import ANONYMOUS, Tenants, guarded
 from server.tools import constraint, history_calls, render, tool_plan
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ class ServingContext:
     model_name: str  # the served name clients must pass as `model`
     max_model_len: int
     reasoning: bool = False  # split think blocks into reasoning_content (server/reasoning.py)
+    tenants: Tenants = field(default_factory=Tenants)
+    request_timeout: float | None = None
 
 
 class ClientDisconnected(Exception):
@@ -301,19 +304,23 @@ def _plan(body: GenerationRequest, ctx: ServingContext, req_id: str, prompt_ids:
 
 async def respond(request: Request, plan: Plan, fmt: ResponseFormat,
                   ctx: ServingContext) -> Response:
+    lease = ctx.tenants.admit(getattr(request.state, "tenant", ANONYMOUS), len(plan.prompt_ids) * plan.n)
     first_id = plan.choice_id(0)
     streams = [ctx.metrics.track(ctx.engine.generate(
         plan.prompt_ids, plan.choice_params(i), plan.choice_id(i), plan.arrival_time,
         prompt_parent=first_id if i else None, cache_salt=plan.cache_salt)) for i in range(plan.n)]
-    outputs = merge_choices(streams)
+    outputs = guarded(merge_choices(streams), lease, ctx.request_timeout)
+    streaming = False
     try:
         if plan.stream:
             # Wait for the first output before sending headers, so a refusal (full queue, bad
             # token ids) is still a proper HTTP error.
             first = await until_disconnected(request, anext(outputs))
-            return StreamingResponse(sse_events(plan, fmt, first, outputs),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            response = StreamingResponse(sse_events(plan, fmt, first, outputs),
+                                         media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache"})
+            streaming = True  # the stream owns `outputs` (and so the lease) from here
+            return response
         finals = await until_disconnected(request, _finals(outputs, plan.n))
         return Response(fmt.complete(plan, finals).model_dump_json(),
                         media_type="application/json")
@@ -321,8 +328,9 @@ async def respond(request: Request, plan: Plan, fmt: ResponseFormat,
         logger.info("client left before %s finished; aborted", plan.req_id)
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     finally:
-        if not plan.stream:
+        if not streaming:
             await outputs.aclose()  # no-op when finished; otherwise aborts the requests
+            lease.release(0)  # no-op when the outputs ran: they charged what they used
 
 
 async def _finals(outputs: AsyncIterator[tuple[int, RequestOutput]], n: int) -> list[RequestOutput]:
