@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
 from engine.async_engine import AsyncLLM
+from server import openapi
 from server.config import ServerConfig
 from server.errors import APIError, install_error_handlers
 from server.formats import ChatFormat, CompletionFormat
@@ -25,6 +26,7 @@ from server.middleware import (
     RequestIdMiddleware,
     StalledClientMiddleware,
 )
+from server.openapi import request_body
 from server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -184,12 +186,12 @@ def create_app(config: ServerConfig, engine: AsyncLLM | None = None,
     async def models(ctx: Serving) -> ModelList:
         return ModelList(data=[ModelCard(id=ctx.model_name, max_model_len=ctx.max_model_len)])
 
-    @v1.post("/chat/completions")
+    @v1.post("/chat/completions", openapi_extra=request_body(ChatCompletionRequest))
     async def chat(request: Request, ctx: Serving) -> Response:
         plan = await plan_chat(await _parse(request, ChatCompletionRequest), ctx)
         return await respond(request, plan, CHAT, ctx)
 
-    @v1.post("/completions")
+    @v1.post("/completions", openapi_extra=request_body(CompletionRequest))
     async def completions(request: Request, ctx: Serving) -> Response:
         plan = await plan_completion(await _parse(request, CompletionRequest), ctx)
         return await respond(request, plan, COMPLETION, ctx)
@@ -199,13 +201,14 @@ def create_app(config: ServerConfig, engine: AsyncLLM | None = None,
     # vLLM's utility endpoints, at the root as vLLM serves them
     utility = APIRouter(dependencies=[Depends(_check_api_key)])
 
-    @utility.post("/tokenize")
+    @utility.post("/tokenize", openapi_extra=request_body(TokenizeRequest))
     async def tokenize_route(request: Request, ctx: Serving) -> TokenizeResponse:
         return await tokenize(await _parse(request, TokenizeRequest), ctx)
 
-    @utility.post("/detokenize")
+    @utility.post("/detokenize", openapi_extra=request_body(DetokenizeRequest))
     async def detokenize_route(request: Request, ctx: Serving) -> DetokenizeResponse:
         return await detokenize(await _parse(request, DetokenizeRequest), ctx)
 
     app.include_router(utility)
+    openapi.install(app, [ChatCompletionRequest, CompletionRequest, TokenizeRequest, DetokenizeRequest])
     return app
