@@ -23,7 +23,7 @@ _EXPLICIT = {"model", "device", "dtype", "cache", "scheduler", "speculative"}
 BENCHMARKS = {"serve": "bench.serve", "engine": "bench.engine", "spec": "bench.spec",
               "compare": "bench.compare", "kernels": "bench.kernels",
               "peers": "bench.peers", "grammar": "bench.grammar",
-              "predicted": "bench.predicted", "prefix": "bench.prefix"}
+              "predicted": "bench.predicted", "prefix": "bench.prefix", "soak": "bench.soak"}
 
 
 def _scalar_type(tp: Any) -> type | None:
