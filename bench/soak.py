@@ -15,6 +15,7 @@ per window (steady or not). JSON and a PNG under bench/results/.
 import argparse
 import asyncio
 import itertools
+import json
 import random
 import shlex
 import sys
@@ -92,6 +93,10 @@ def rss_slope(samples: list[Sample]) -> float | None:
     return 3600 * sum((t - mt) * (r - mr) for t, r in points) / var if var else None
 
 
+def stream_events(lines: list[str]) -> list[dict[str, Any]]:
+    return [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+
+
 def metric_value(text: str, name: str, **labels: str) -> float:
     """Sum of a metric's samples whose labels include `labels` (0 when absent)."""
     total = 0.0
@@ -137,8 +142,10 @@ class Soak:
                         lines.append(line)
                         if keep is not None and len(lines) >= keep:
                             return  # dropped: the server must abort and free it
-                    if "data: [DONE]" not in lines or any('"error"' in ln for ln in lines):
-                        self.error(kind, "the stream ended without [DONE] or with an error")
+                    if "data: [DONE]" not in lines:
+                        self.error(kind, "the stream ended without [DONE]")
+                    elif errors := [e for e in stream_events(lines) if "error" in e]:
+                        self.error(kind, f"error event: {errors[0]['error']}")
             elif kind == "bad_input":
                 payload, status = self.rng.choice(BAD_INPUTS)
                 r = await (client.post(CHAT, content=payload) if isinstance(payload, bytes)

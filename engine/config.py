@@ -60,6 +60,9 @@ class EngineConfig:
     # auto | int4 | none: int4 runs steps of few tokens from a GGUF file's Q4_1 weights (CPU,
     # bf16; engine/quant.py); auto picks it where it runs
     quantization: str = "auto"
+    # bit-identical greedy output in any dtype, alone or batched, with or without speculation:
+    # one weight format and row-invariant projections (engine/batch_invariance.py)
+    deterministic: bool = False
     num_threads: int | None = None  # CPU threads for torch (per rank); None = all cores (shared by the ranks)
     # ranks of tensor parallelism (engine/tensor_parallel.py): worker processes beside this one
     tensor_parallel_size: int = 1

@@ -12,6 +12,7 @@ import torch
 from draft import Drafter, TargetHandle, make_drafter
 from draft.prediction import PredictionDrafter
 from engine.attention import FlashAttention, make_backend
+from engine.batch_invariance import make_row_invariant
 from engine.config import EngineConfig
 from engine.grammar import GrammarCompiler, GrammarMasks
 from engine.host_memory import tune_host_malloc
@@ -77,6 +78,13 @@ class LLMEngine:
         self.model_name = ckpt.name
         self.arch = ckpt.arch
         self.tokenizer = ckpt.tokenizer
+        quantization = config.quantization
+        if config.deterministic:
+            if quantization == "int4" or tp > 1:
+                raise InvalidRequest("--deterministic runs one weight format (bf16 or the dtype) in one "
+                                     "process: use --quantization none and no tensor parallelism",
+                                     "deterministic")
+            quantization = "none"  # int4 for small steps and dense for large ones would differ
         if tp > 1:
             check_size(ckpt.arch, tp)
             if config.quantization == "int4":
@@ -85,10 +93,13 @@ class LLMEngine:
             local = build_model(ckpt, self.device, dtype, "none", tp=(0, tp))
             self.model = TensorParallelLM(local, tp)
         else:
-            self.model = build_model(ckpt, self.device, dtype, config.quantization)
+            self.model = build_model(ckpt, self.device, dtype, quantization)
+            if config.deterministic:
+                logger.info("deterministic: projections run in chunks of at most %d rows",
+                            make_row_invariant(self.model))
         self.kv_arch = local_arch(ckpt.arch, 0, tp)  # the heads this process caches
 
-        self.backend = make_backend(config.attention_backend, self.device)
+        self.backend = make_backend(config.attention_backend, self.device, config.deterministic)
         block_size = config.cache.block_size
         if isinstance(self.backend, FlashAttention):
             block_size = max(block_size, FlashAttention.block_size_multiple)
@@ -117,7 +128,7 @@ class LLMEngine:
         self.sps = None
         # the SPS profile's cache key: what changes step times
         self.sps_key = profile_key(self.model_name, self.device, config.dtype, torch.get_num_threads(),
-                                   block_size, self.model.quantization, tp)
+                                   block_size, self.model.quantization, tp, config.deterministic)
         if drafter is not None and sched_config.verify_policy in ("scheduled", "causal"):
             self.sps = load_or_profile(self.runner, self.block_manager, self.sps_key,
                                        sched_config.max_num_batched_tokens)

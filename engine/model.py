@@ -46,13 +46,29 @@ class Linear(nn.Linear):
     packed_weight: torch.Tensor | None = None
     # the file's Q4_1 weights, used for calls of at most INT4_MAX_ROWS rows (engine/quant.py)
     int4: Int4Weight | None = None
+    # calls with more rows run in chunks of this many, each row computed as it would be alone
+    # (engine/batch_invariance.py); None: one call
+    max_rows: int | None = None
 
     def pack_weight(self, keep_dense: bool) -> None:
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), _PACK_ROWS_HINT)
         if not keep_dense:
             self.weight = None
 
+    def packed_weight_device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        weight = self.weight if self.weight is not None else self.packed_weight
+        assert weight is not None
+        return weight.device, weight.dtype
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        limit = self.max_rows
+        if limit is not None and x.numel() > limit * x.shape[-1]:
+            rows = x.reshape(-1, x.shape[-1])
+            y = torch.cat([self._forward(part) for part in rows.split(limit)])
+            return y.view(*x.shape[:-1], -1)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         int4 = self.int4
         if int4 is not None and x.dtype == torch.bfloat16 and x.numel() <= INT4_MAX_ROWS * x.shape[-1]:
             y = int4(x.reshape(-1, x.shape[-1]))
