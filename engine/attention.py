@@ -7,6 +7,7 @@ mask aligned to the end of each sequence (query i of a request sees keys 0..cont
 """
 
 import logging
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,8 @@ _SHORT_QUERY = 32
 # Short-query requests are grouped by length: a request joins the current group unless the
 # padding it adds (rows x extra keys) exceeds what one more SDPA call costs, in key rows.
 _GROUP_COST_KEYS = 1024
+# CPU SDPA's key split (torch 2.13's flash kernel): deterministic mode pads keys to a multiple
+_KEY_SPLIT = 512
 
 
 class AttentionBackend(ABC):
@@ -64,10 +67,11 @@ class TorchAttention(AttentionBackend):
     """Gathers each request's K/V from its blocks and runs PyTorch SDPA, batched by group.
 
     `deterministic`: each query row's result is bit for bit the same whatever else shares its
-    call. Measured on CPU (torch 2.13, bf16): SDPA with a boolean mask gives a row the same
-    result for any number of query rows >= 2, any key padding and any grouping of requests,
-    while a 1-row call and the `is_causal` path each round differently. So every call is
-    masked and has at least 2 query rows (a decode gets a padded one).
+    step. CPU SDPA (torch 2.13) rounds a row differently with the number of query rows per
+    call (its query split grows past 192 rows), with the key length inside a 512-key split,
+    for a 1-row call and on the `is_causal` path. So every call is masked, holds 2 to 32
+    query rows per sequence (longer chunks are cut into 32-row pieces, batched), and attends
+    to a multiple of 512 keys; padded keys and rows are masked out, which adds exact zeros.
     """
 
     name = "torch"
@@ -77,21 +81,31 @@ class TorchAttention(AttentionBackend):
 
     def prepare(self, batch: FlatBatch) -> _TorchMeta:
         long_ = [r for r, q in enumerate(batch.query_lens) if q > _SHORT_QUERY]
-        groups = [self._group(batch, [r]) for r in long_]
-        groups += [self._group(batch, reqs) for reqs in _length_groups(batch)]
+        if self.deterministic:
+            groups = [self._group(batch, [(r, off, min(_SHORT_QUERY, batch.query_lens[r] - off))
+                                          for off in range(0, batch.query_lens[r], _SHORT_QUERY)])
+                      for r in long_]
+        else:
+            groups = [self._group(batch, [(r, 0, batch.query_lens[r])]) for r in long_]
+        groups += [self._group(batch, [(r, 0, batch.query_lens[r]) for r in reqs])
+                   for reqs in _length_groups(batch)]
         return _TorchMeta(slot_mapping=batch.slot_mapping, groups=groups)
 
-    def _group(self, batch: FlatBatch, reqs: list[int]) -> _Group:
+    def _group(self, batch: FlatBatch, pieces: list[tuple[int, int, int]]) -> _Group:
+        """One SDPA call over `pieces` (request, first query of the piece, number of queries)."""
         device = batch.input_ids.device
+        reqs = [r for r, _, _ in pieces]
         rows = torch.tensor(reqs, device=device)
-        starts = batch.cu_seqlens_q.index_select(0, rows).long()  # [S]
-        q_lens = torch.tensor([batch.query_lens[r] for r in reqs], device=device)
-        ctx = torch.tensor([batch.context_lens[r] for r in reqs], device=device)
-        q_max = max(batch.query_lens[r] for r in reqs)
+        starts = batch.cu_seqlens_q.index_select(0, rows).long() + torch.tensor(
+            [off for _, off, _ in pieces], device=device)  # [S]
+        q_lens = torch.tensor([n for _, _, n in pieces], device=device)
+        ctx_list = [batch.context_lens[r] + off for r, off, _ in pieces]
+        ctx = torch.tensor(ctx_list, device=device)
+        q_max = max(n for _, _, n in pieces)
         if self.deterministic:
             q_max = max(q_max, 2)
         qi = torch.arange(q_max, device=device)
-        if len(reqs) == 1 and batch.context_lens[reqs[0]] == 0 and not self.deterministic:
+        if len(pieces) == 1 and ctx_list[0] == 0 and not self.deterministic:
             # A fresh prompt chunk: its keys are exactly its own tokens, plain causal attention.
             idx = starts[0] + qi
             return _Group(idx[None], None, None, qi, idx, identity=batch.num_reqs == 1)
@@ -99,10 +113,14 @@ class TorchAttention(AttentionBackend):
         q_index = torch.where(is_query, starts[:, None] + qi[None, :], 0)
         seq_lens = ctx + q_lens
         bs = batch.block_size
-        l_max = max(batch.context_lens[r] + batch.query_lens[r] for r in reqs)
+        l_max = max(c + n for c, (_, _, n) in zip(ctx_list, pieces))
+        if self.deterministic:
+            unit = math.lcm(bs, _KEY_SPLIT)  # whole blocks and whole key splits
+            l_max = -(-l_max // unit) * unit
         num_blocks = -(-l_max // bs)
         tables = batch.block_tables.index_select(0, rows).long()  # [S, max_blocks]
-        assert tables.shape[1] >= num_blocks
+        if tables.shape[1] < num_blocks:  # only the deterministic key padding reaches past
+            tables = F.pad(tables, (0, num_blocks - tables.shape[1]))
         # Whole blocks are gathered (contiguous rows: several times faster than key by key on
         # CPU); blocks past a request's length (table padding) read block 0, masked below.
         used = torch.arange(num_blocks, device=device)[None, :] < (seq_lens[:, None] + bs - 1) // bs
@@ -113,7 +131,8 @@ class TorchAttention(AttentionBackend):
         visible = pos[None, None, :] <= (ctx[:, None] + qi[None, :])[:, :, None]
         mask = torch.where(is_query[:, :, None], visible, pos[None, None, :] == 0)[:, None]
         valid = is_query.reshape(-1).nonzero()[:, 0]
-        identity = reqs == list(range(batch.num_reqs)) and all(batch.query_lens[r] == q_max for r in reqs)
+        identity = (pieces == [(r, 0, q) for r, q in enumerate(batch.query_lens)]
+                    and all(n == q_max for _, _, n in pieces))
         return _Group(q_index, kv_blocks, mask, valid, q_index.reshape(-1).index_select(0, valid), identity)
 
     def attend(self, q, k, v, k_cache, v_cache, meta: _TorchMeta, scale):

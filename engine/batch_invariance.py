@@ -22,8 +22,9 @@ CANDIDATE_CHUNKS = (64, 32, 16, 8, 4, 2, 1)
 def invariant_chunk(linear: Linear, generator: torch.Generator) -> int:
     """The largest candidate chunk c such that every call of 1..c rows gives each row bit for
     bit what it gets alone."""
-    device, dtype = linear.packed_weight_device_dtype()
-    x = torch.randn(max(CANDIDATE_CHUNKS), linear.in_features, generator=generator).to(device, dtype)
+    weight = linear.weight if linear.weight is not None else linear.packed_weight  # packed: dense freed
+    assert weight is not None
+    x = torch.randn(max(CANDIDATE_CHUNKS), linear.in_features, generator=generator).to(weight.device, weight.dtype)
     alone = torch.cat([linear(x[i:i + 1]) for i in range(x.shape[0])])
     for chunk in CANDIDATE_CHUNKS:
         if all(torch.equal(linear(x[:m]), alone[:m]) for m in range(2, chunk + 1)):

@@ -55,11 +55,6 @@ class Linear(nn.Linear):
         if not keep_dense:
             self.weight = None
 
-    def packed_weight_device_dtype(self) -> tuple[torch.device, torch.dtype]:
-        weight = self.weight if self.weight is not None else self.packed_weight
-        assert weight is not None
-        return weight.device, weight.dtype
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         limit = self.max_rows
         if limit is not None and x.numel() > limit * x.shape[-1]:

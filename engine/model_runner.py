@@ -122,7 +122,10 @@ class ModelRunner:
         self.drafter = None
         self.drafting_failed = True
         self._draft_probs.clear()
-        out.draft_token_ids = out.draft_confidences = out.draft_sources = None
+        # empty proposals (not None) so the scheduler drops the drafts requests still hold
+        out.draft_token_ids = [[] for _ in out.req_ids]
+        out.draft_confidences = [None for _ in out.req_ids]
+        out.draft_sources = ["" for _ in out.req_ids]
 
     def _grammar_masks(self, reqs: list[ScheduledRequest], drafts: list[list[int]], num_rows: int
                        ) -> torch.Tensor | None:

@@ -174,6 +174,14 @@ class BlockManager:
         while len(req.block_table) > keep:
             self._release(req.block_table.pop())
 
+    def uncache(self, req: Request) -> None:
+        """Unkey `req`'s blocks, whose KV is suspect (its logits went non-finite): no later
+        request reuses them; whoever holds them keeps them until freed."""
+        for block in req.block_table:
+            key = self._hash_of.pop(block, None)
+            if key is not None:  # held by `req`, so not among the free cached blocks
+                del self._cached[key]
+
     def free(self, req: Request) -> None:
         """Release every block of `req`, its last first (see the eviction order above)."""
         self.rollback(req, 0)

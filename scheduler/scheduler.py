@@ -185,6 +185,7 @@ class Scheduler:
                 first, values = scored  # a recomputed chunk rewrites the same values
                 req.prompt_logprobs[first:first + len(values)] = values
             if idx in runner_out.failed:
+                self.block_manager.uncache(req)
                 self.running.remove(req)
                 self._finish(req, RequestStatus.FINISHED_ERROR)
                 updates.append(RequestUpdate(req_id, [], RequestStatus.FINISHED_ERROR.finish_reason,

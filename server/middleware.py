@@ -50,6 +50,12 @@ class BodySizeLimitMiddleware:
                     elif size > _DRAIN_FACTOR * self.max_bytes:
                         break
         except TimeoutError:
+            if size > self.max_bytes:  # too large anyway: say so rather than too slow
+                response = error_response(413, f"the request body is larger than the limit of "
+                                          f"{self.max_bytes} bytes", code="request_too_large",
+                                          headers={"Connection": "close"})
+                await response(scope, receive, send)
+                return
             response = error_response(408, f"the request body did not arrive within {self.timeout:g} s",
                                       code="request_timeout", headers={"Connection": "close"})
             await response(scope, receive, send)
@@ -77,6 +83,13 @@ class _ClientStalled(Exception):
     pass
 
 
+def _only_stalls(e: BaseException) -> bool:
+    """The stall itself, or an exception group (starlette's task groups) of nothing else."""
+    if isinstance(e, BaseExceptionGroup):
+        return all(_only_stalls(inner) for inner in e.exceptions)
+    return isinstance(e, _ClientStalled)
+
+
 class StalledClientMiddleware:
     """Drops a client that takes no response bytes for `timeout` s (it stopped reading a
     stream): the send gives up, the response ends and its request is aborted, freeing its KV,
@@ -95,15 +108,16 @@ class StalledClientMiddleware:
         async def timed_send(message: Message) -> None:
             nonlocal stalled
             try:
-                await asyncio.wait_for(send(message), self.timeout)
+                async with asyncio.timeout(self.timeout):
+                    await send(message)
             except TimeoutError:
                 stalled = True
                 raise _ClientStalled from None
 
         try:
             await self.app(scope, receive, timed_send)
-        except BaseException:  # starlette may wrap it in an exception group
-            if not stalled:
+        except BaseException as e:
+            if not (stalled and _only_stalls(e)):
                 raise
             stalled_logger.warning("%s %s: the client read nothing for %g s; dropped it",
                                    scope["method"], scope["path"], self.timeout)

@@ -304,11 +304,12 @@ def _plan(body: GenerationRequest, ctx: ServingContext, req_id: str, prompt_ids:
 
 async def respond(request: Request, plan: Plan, fmt: ResponseFormat,
                   ctx: ServingContext) -> Response:
-    lease = ctx.tenants.admit(getattr(request.state, "tenant", ANONYMOUS), len(plan.prompt_ids) * plan.n)
     first_id = plan.choice_id(0)
+    # generators: nothing reaches the engine (or can fail) before the first iteration below
     streams = [ctx.metrics.track(ctx.engine.generate(
         plan.prompt_ids, plan.choice_params(i), plan.choice_id(i), plan.arrival_time,
         prompt_parent=first_id if i else None, cache_salt=plan.cache_salt)) for i in range(plan.n)]
+    lease = ctx.tenants.admit(getattr(request.state, "tenant", ANONYMOUS), len(plan.prompt_ids) * plan.n)
     outputs = guarded(merge_choices(streams), lease, ctx.request_timeout)
     streaming = False
     try:
@@ -316,9 +317,9 @@ async def respond(request: Request, plan: Plan, fmt: ResponseFormat,
             # Wait for the first output before sending headers, so a refusal (full queue, bad
             # token ids) is still a proper HTTP error.
             first = await until_disconnected(request, anext(outputs))
-            response = StreamingResponse(sse_events(plan, fmt, first, outputs),
-                                         media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache"})
+            response = ClosingStreamingResponse(sse_events(plan, fmt, first, outputs),
+                                                media_type="text/event-stream",
+                                                headers={"Cache-Control": "no-cache"})
             streaming = True  # the stream owns `outputs` (and so the lease) from here
             return response
         finals = await until_disconnected(request, _finals(outputs, plan.n))
@@ -330,7 +331,19 @@ async def respond(request: Request, plan: Plan, fmt: ResponseFormat,
     finally:
         if not streaming:
             await outputs.aclose()  # no-op when finished; otherwise aborts the requests
-            lease.release(0)  # no-op when the outputs ran: they charged what they used
+            lease.release(0, ran=False)  # no-op when the outputs ran: they charged what they used
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """Closes its body when the response ends however it ends. Starlette leaves a generator
+    paused at a `yield` when a send fails (client gone, stalled), and only garbage collection
+    would then abort the requests and free their slot and KV."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
 
 
 async def _finals(outputs: AsyncIterator[tuple[int, RequestOutput]], n: int) -> list[RequestOutput]:

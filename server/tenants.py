@@ -57,6 +57,8 @@ def load_keys(path: str | Path) -> dict[str, Tenant]:
                 raise ValueError(f"keys[{i}]: limits must be >= 0")
             if key in keys:
                 raise ValueError(f"keys[{i}]: duplicate key")
+            if any(t.name == tenant.name for t in keys.values()):  # limits are kept per name
+                raise ValueError(f"keys[{i}]: duplicate name {tenant.name!r}")
             keys[key] = tenant
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"--api-keys-file {path}: {e!r}") from e
@@ -71,18 +73,21 @@ class _Usage:
 
 
 class Lease:
-    """One admitted request's hold on its tenant's limits; `release` exactly once."""
+    """One admitted request's hold on its tenant's limits; released once (later calls do nothing)."""
 
-    def __init__(self, usage: _Usage | None) -> None:
+    def __init__(self, usage: _Usage | None, prompt_tokens: int = 0) -> None:
         self._usage = usage
+        self._prompt_tokens = prompt_tokens
         self._released = False
 
-    def release(self, completion_tokens: int) -> None:
+    def release(self, completion_tokens: int, ran: bool) -> None:
+        """`ran`: the engine produced output; a request refused or failed before that gets
+        its prompt tokens back (a client retrying a 503 does not burn its budget)."""
         if self._released or self._usage is None:
             return
         self._released = True
         self._usage.in_flight -= 1
-        self._usage.bucket -= completion_tokens
+        self._usage.bucket -= completion_tokens - (0 if ran else self._prompt_tokens)
 
 
 @dataclass
@@ -124,17 +129,17 @@ class Tenants:
             raise _rate_limited(f"key {tenant.name!r} already has {usage.in_flight} requests in "
                                 f"flight, its limit", 1.0)
         if tenant.tokens_per_minute:
-            if prompt_tokens > tenant.tokens_per_minute:
-                raise _rate_limited(f"the prompt has {prompt_tokens} tokens, more than key "
-                                    f"{tenant.name!r} may use per minute "
-                                    f"({tenant.tokens_per_minute})", 60.0)
+            if prompt_tokens > tenant.tokens_per_minute:  # can never pass: not worth a retry
+                raise APIError(400, f"the prompt has {prompt_tokens} tokens (times n), more than key "
+                               f"{tenant.name!r} may use per minute ({tenant.tokens_per_minute})",
+                               "messages", "request_too_large")
             if usage.bucket < prompt_tokens:
                 rate = tenant.tokens_per_minute / 60.0
                 raise _rate_limited(f"key {tenant.name!r} is over its {tenant.tokens_per_minute} "
                                     f"tokens per minute", (prompt_tokens - usage.bucket) / rate)
             usage.bucket -= prompt_tokens
         usage.in_flight += 1
-        return Lease(usage)
+        return Lease(usage, prompt_tokens if tenant.tokens_per_minute else 0)
 
     def _refilled(self, tenant: Tenant) -> _Usage:
         now = self.clock()
@@ -156,22 +161,25 @@ async def guarded(outputs: AsyncIterator[tuple[int, RequestOutput]], lease: Leas
                   timeout: float | None) -> AsyncIterator[tuple[int, RequestOutput]]:
     """`outputs`, charged to `lease` as they end and cut off `timeout` s from now (closing
     them aborts the requests in the engine)."""
-    deadline = None if not timeout else time.monotonic() + timeout
-    completion_tokens = 0
+    # asyncio.timeout cancels this task's wait in place (no task per output, unlike wait_for);
+    # the cancellation reaches `outputs`, whose cleanup aborts the requests
+    deadline = asyncio.get_running_loop().time() + timeout if timeout else None
+    completion_tokens, ran = 0, False
     try:
         async with aclosing(outputs):
             while True:
                 try:
-                    if deadline is None:
+                    async with asyncio.timeout_at(deadline) as cutoff:  # None: no deadline
                         item = await anext(outputs)
-                    else:
-                        item = await asyncio.wait_for(anext(outputs), deadline - time.monotonic())
                 except StopAsyncIteration:
                     return
                 except TimeoutError:
-                    raise DeadlineExceeded(f"the request did not finish within the server's "
-                                           f"limit of {timeout:g} s (--request-timeout)") from None
+                    if cutoff.expired():
+                        raise DeadlineExceeded(f"the request did not finish within the server's "
+                                               f"limit of {timeout:g} s (--request-timeout)") from None
+                    raise
                 completion_tokens += len(item[1].delta_token_ids)
+                ran = True
                 yield item
     finally:
-        lease.release(completion_tokens)
+        lease.release(completion_tokens, ran)

@@ -249,3 +249,17 @@ def test_random_shared_prefix_workload_reads_only_kv_of_its_own_tokens():
     check_pool(bm)
     assert bm.stats().num_referenced_blocks == 0 and bm.stats().num_cached_free_blocks > 0
     assert hits > 10 and sched.num_preemptions > 0
+
+
+def test_a_failed_requests_blocks_are_never_reused():
+    """Non-finite logits make a request's KV suspect: its blocks lose their keys, so the next
+    request with the same prompt recomputes rather than reusing them."""
+    bm = BlockManager(num_blocks=8, block_size=BS)
+    tokens = list(range(1, 11))  # two full blocks and a tail
+    failed = make_req("failed", tokens)
+    commit(bm, failed, len(tokens))
+    assert len(bm.cached_prefix(make_req("probe", tokens))) == 2
+    bm.uncache(failed)
+    bm.free(failed)
+    check_pool(bm)
+    assert bm.cached_prefix(make_req("again", tokens)) == []

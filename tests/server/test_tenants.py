@@ -31,19 +31,21 @@ def test_token_bucket_refills_and_says_when_to_retry():
     tenant = Tenant("t", tokens_per_minute=600)  # 10 tokens per second
     tenants = Tenants({"k": tenant}, clock=clock)
     lease = tenants.admit(tenant, 500)
-    lease.release(100)  # 600 used: the bucket is empty
+    lease.release(100, ran=True)  # 600 used: the bucket is empty
     with pytest.raises(APIError) as refused:
         tenants.admit(tenant, 50)
     assert refused.value.status == 429 and refused.value.headers["Retry-After"] == "5"
     clock.now = 5.0
-    tenants.admit(tenant, 50).release(0)
-    with pytest.raises(APIError) as too_big:
+    tenants.admit(tenant, 50).release(0, ran=True)
+    with pytest.raises(APIError) as too_big:  # can never pass: a 400, not a retry
         tenants.admit(tenant, 601)
-    assert "more than key 't' may use per minute" in too_big.value.message
+    assert too_big.value.status == 400 and "more than key 't' may use per minute" in too_big.value.message
     clock.now = 1000.0  # refills up to the bucket's size only
-    tenants.admit(tenant, 600)
+    refused_by_engine = tenants.admit(tenant, 600)
     with pytest.raises(APIError):
         tenants.admit(tenant, 1)
+    refused_by_engine.release(0, ran=False)  # e.g. a 503 queue_full: the prompt is refunded
+    tenants.admit(tenant, 600)
 
 
 def test_concurrency_slots_are_returned_once():
@@ -53,12 +55,12 @@ def test_concurrency_slots_are_returned_once():
     with pytest.raises(APIError) as refused:
         tenants.admit(tenant, 1)
     assert refused.value.headers["Retry-After"] == "1"
-    a.release(0)
-    a.release(0)  # a second release gives nothing back
+    a.release(0, ran=True)
+    a.release(0, ran=True)  # a second release gives nothing back
     tenants.admit(tenant, 1)
     with pytest.raises(APIError):
         tenants.admit(tenant, 1)
-    b.release(0)
+    b.release(0, ran=True)
 
 
 def test_authentication_finds_the_tenant():
@@ -74,7 +76,8 @@ def test_authentication_finds_the_tenant():
 @pytest.mark.parametrize("content,problem", [
     ("{", "JSONDecodeError"), ('{"keys": {}}', "'keys' must be a list"), ('{"keys": [{}]}', "KeyError"),
     ('{"keys": [{"key": ""}]}', "non-empty"), ('{"keys": [{"key": "a", "max_concurrent": -1}]}', ">= 0"),
-    ('{"keys": [{"key": "a"}, {"key": "a"}]}', "duplicate"),
+    ('{"keys": [{"key": "a"}, {"key": "a"}]}', "duplicate key"),
+    ('{"keys": [{"key": "a", "name": "t"}, {"key": "b", "name": "t"}]}', "duplicate name"),
 ])
 def test_a_bad_keys_file_is_refused_with_its_problem(tmp_path, content, problem):
     path = tmp_path / "keys.json"

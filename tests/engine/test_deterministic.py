@@ -1,0 +1,92 @@
+"""--deterministic: greedy (T = 0) token ids in bf16 are identical alone, inside a batch of mixed
+requests, with speculation, and streamed or not, because no row's arithmetic depends on what
+else shares its forward (engine/batch_invariance.py, TorchAttention's deterministic mode)."""
+
+import json
+import random
+
+import httpx
+import pytest
+import torch
+
+from draft import NgramDrafter
+from engine import LLM, InvalidRequest, SamplingParams
+from engine.batch_invariance import make_row_invariant
+from engine.model import Linear
+from tests.engine.test_engine import random_prompts
+from tests.server.helpers import REPO, ServerProcess, parse_sse
+
+GREEDY = SamplingParams(max_tokens=128, temperature=0, ignore_eos=True)
+EVAL = REPO.parent / "shared" / "data" / "prompts" / "eval" / "chat_mt_bench.jsonl"
+
+
+def mixed_batch(prompts: list[list[int]], vocab: int, n: int = 32, seed: int = 0):
+    """`prompts` greedy among n - len(prompts) sampled requests of other lengths."""
+    rng = random.Random(seed)
+    others = [[rng.randrange(3, vocab) for _ in range(rng.randrange(3, 300))] for _ in range(n - len(prompts))]
+    params = [SamplingParams(max_tokens=rng.randrange(8, 160), temperature=1.0, seed=i, ignore_eos=True)
+              for i in range(len(others))]
+    return prompts + others, [GREEDY] * len(prompts) + params
+
+
+def test_the_probe_finds_a_chunk_that_reproduces_single_rows(tiny_model_dir):
+    llm = LLM(str(tiny_model_dir), "cpu", "bfloat16")
+    chunk = make_row_invariant(llm.engine.model)
+    assert chunk >= 1
+    lin = next(m for m in llm.engine.model.modules() if isinstance(m, Linear))
+    x = torch.randn(100, lin.in_features).bfloat16()
+    alone = torch.cat([lin(x[i:i + 1]) for i in range(100)])
+    assert torch.equal(lin(x), alone)
+
+
+def test_tiny_model_bf16_greedy_is_batch_and_speculation_invariant(tiny_model_dir):
+    options = {"device": "cpu", "dtype": "bfloat16", "deterministic": True, "block_size": 4}
+    llm = LLM(str(tiny_model_dir), **options)
+    prompts = [p * 2 for p in random_prompts(8, seed=4)]
+    alone = [llm.generate([p], GREEDY)[0].token_ids for p in prompts]
+    batch_prompts, params = mixed_batch(prompts, 259)
+    batched = [o.token_ids for o in llm.generate(batch_prompts, params)[:8]]
+    assert batched == alone
+    spec = LLM(str(tiny_model_dir), drafter=NgramDrafter(4), **options)
+    assert [o.token_ids for o in spec.generate(prompts, GREEDY)] == alone
+
+
+def test_deterministic_refuses_what_it_cannot_keep(tiny_model_dir):
+    with pytest.raises(InvalidRequest, match="deterministic"):
+        LLM(str(tiny_model_dir), "cpu", "bfloat16", deterministic=True, quantization="int4")
+
+
+@pytest.fixture(scope="module")
+def chat_prompts() -> list[list[dict]]:
+    rows = [json.loads(line) for line in EVAL.read_text().splitlines()[:8]]
+    return [[{"role": "user", "content": r["turns"][0]}] for r in rows]
+
+
+@pytest.mark.slow
+def test_default_model_bf16_greedy_is_identical_everywhere(chat_prompts, tmp_path):
+    """Issue 18's check: 8 chat prompts x 128 tokens at T = 0 in bf16 give the same token ids
+    (a) alone, (b) inside a batch of 32 mixed requests, (c) with DSpark speculation, and
+    (d) streamed and not from a `dspark serve --deterministic` (which speculates with DSpark)."""
+    llm = LLM(device="cpu", dtype="bfloat16", deterministic=True)
+    prompts = [llm.tokenizer.encode_chat(m) for m in chat_prompts]
+    alone = [llm.generate([p], GREEDY)[0].token_ids for p in prompts]
+    batch_prompts, params = mixed_batch(prompts, llm.tokenizer.vocab_size)
+    assert [o.token_ids for o in llm.generate(batch_prompts, params)[:8]] == alone  # (b)
+    spec = LLM(device="cpu", dtype="bfloat16", deterministic=True, draft="dspark", num_draft_tokens=7)
+    outs = spec.generate(prompts, GREEDY)
+    assert [o.token_ids for o in outs] == alone  # (c)
+    texts = [llm.tokenizer.decode(a) for a in alone]
+    server = ServerProcess(["--device", "cpu", "--dtype", "bfloat16", "--deterministic"],
+                           tmp_path / "server.log").wait_healthy()
+    try:
+        for messages, text in zip(chat_prompts, texts):  # (d)
+            body = {"messages": messages, "max_tokens": 128, "temperature": 0, "ignore_eos": True}
+            whole = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120).json()
+            assert whole["choices"][0]["message"]["content"] == text
+            with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={**body, "stream": True},
+                              timeout=120) as r:
+                events, done = parse_sse(list(r.iter_lines()))
+            assert done
+            assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e.get("choices")) == text
+    finally:
+        server.terminate()
