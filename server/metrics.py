@@ -13,11 +13,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from engine.async_engine import EngineStats
 from engine.llm_engine import StepStats
 from engine.output_processor import RequestOutput
-from scheduler import CapacityExceeded, InvalidRequest
+from scheduler import CapacityExceeded, InvalidRequest, RequestFailed
 from scheduler.block_manager import PrefixCacheStats
 from scheduler.outputs import PREDICTION_SOURCE
 
-FINISH_REASONS = ("stop", "length", "abort")
+FINISH_REASONS = ("stop", "length", "abort", "error")
 KV_BLOCK_STATES = ("referenced", "cached", "empty")
 
 # CPU steps take 10-500 ms and prefill can queue for seconds, so buckets reach further than
@@ -193,6 +193,7 @@ class RequestTracker:
 
     async def wrap(self, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
         refused = False
+        ended = "abort"
         try:
             async with aclosing(outputs):  # closing this wrapper closes (aborts) the request
                 async for out in outputs:
@@ -201,9 +202,12 @@ class RequestTracker:
         except (InvalidRequest, CapacityExceeded):
             refused = True  # never admitted: not a request that ran, so not an abort either
             raise
+        except RequestFailed:
+            ended = "error"  # the engine stopped it (non-finite logits)
+            raise
         finally:
             if self.final is None and not refused:
-                self.m.request_success.labels(self.model, "abort").inc()
+                self.m.request_success.labels(self.model, ended).inc()
 
     def _on_output(self, out: RequestOutput) -> None:
         # Receipt time on the event loop: what a client sees, including the loop hop.

@@ -2,6 +2,7 @@
 requests, with speculation, and streamed or not, because no row's arithmetic depends on what
 else shares its forward (engine/batch_invariance.py, TorchAttention's deterministic mode)."""
 
+import asyncio
 import json
 import random
 
@@ -79,14 +80,24 @@ def test_default_model_bf16_greedy_is_identical_everywhere(chat_prompts, tmp_pat
     server = ServerProcess(["--device", "cpu", "--dtype", "bfloat16", "--deterministic"],
                            tmp_path / "server.log").wait_healthy()
     try:
-        for messages, text in zip(chat_prompts, texts):  # (d)
-            body = {"messages": messages, "max_tokens": 128, "temperature": 0, "ignore_eos": True}
-            whole = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120).json()
-            assert whole["choices"][0]["message"]["content"] == text
-            with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={**body, "stream": True},
-                              timeout=120) as r:
-                events, done = parse_sse(list(r.iter_lines()))
-            assert done
-            assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e.get("choices")) == text
+        streamed, whole = asyncio.run(streamed_and_whole(server.url, chat_prompts))  # (d), all at once
     finally:
         server.terminate()
+    assert streamed == texts
+    assert whole == texts
+
+
+async def streamed_and_whole(url: str, chats: list[list[dict]]) -> tuple[list[str], list[str]]:
+    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+        async def one(messages: list[dict], stream: bool) -> str:
+            body = {"messages": messages, "max_tokens": 128, "temperature": 0, "ignore_eos": True,
+                    "stream": stream}
+            if not stream:
+                return (await client.post("/v1/chat/completions", json=body)).json()["choices"][0]["message"]["content"]
+            async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+                events, done = parse_sse([line async for line in r.aiter_lines()])
+            assert done
+            return "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e.get("choices"))
+
+        results = await asyncio.gather(*(one(m, s) for s in (True, False) for m in chats))
+    return results[:len(chats)], results[len(chats):]

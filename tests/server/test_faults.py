@@ -28,7 +28,7 @@ from server.app import create_app
 from server.config import ServerConfig
 from tests.engine.test_faults import FailingDrafter
 from tests.server.conftest import tiny_engine_config
-from tests.server.helpers import SlowEngine, ThreadedServer, parse_sse
+from tests.server.helpers import SlowEngine, ThreadedServer, metric, metric_samples, parse_sse
 
 CHAT = "/v1/chat/completions"
 
@@ -117,6 +117,8 @@ def test_nan_logits_fail_the_request_not_the_server(faulty):
     again = httpx.post(f"{server.url}{CHAT}", json=body(4), timeout=60).json()
     assert again["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]
     assert not fatal and server.app.state.server.engine.num_in_flight == 0
+    samples = metric_samples(httpx.get(f"{server.url}/metrics").text)
+    assert metric(samples, "dspark:request_success_total", finish_reason="error") >= 1
 
 
 def raise_in_listener(stats) -> None:
