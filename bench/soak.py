@@ -93,10 +93,6 @@ def rss_slope(samples: list[Sample]) -> float | None:
     return 3600 * sum((t - mt) * (r - mr) for t, r in points) / var if var else None
 
 
-def stream_events(lines: list[str]) -> list[dict[str, Any]]:
-    return [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
-
-
 def metric_value(text: str, name: str, **labels: str) -> float:
     """Sum of a metric's samples whose labels include `labels` (0 when absent)."""
     total = 0.0
@@ -137,15 +133,14 @@ class Soak:
                 async with client.stream("POST", CHAT, json={**self.body(kind), "stream": True}) as r:
                     if r.status_code != 200:
                         return self.error(kind, f"status {r.status_code}")
-                    lines = []
-                    async for line in r.aiter_lines():
-                        lines.append(line)
-                        if keep is not None and len(lines) >= keep:
-                            return  # dropped: the server must abort and free it
-                    if "data: [DONE]" not in lines:
-                        self.error(kind, "the stream ended without [DONE]")
-                    elif errors := [e for e in stream_events(lines) if "error" in e]:
-                        self.error(kind, f"error event: {errors[0]['error']}")
+                    if keep is not None:
+                        async for _ in r.aiter_bytes():
+                            keep -= 1
+                            if not keep:
+                                break  # dropped: the server must abort and free it
+                        return
+                    text = "".join([chunk async for chunk in r.aiter_text()])
+                    self.check_stream(kind, text)
             elif kind == "bad_input":
                 payload, status = self.rng.choice(BAD_INPUTS)
                 r = await (client.post(CHAT, content=payload) if isinstance(payload, bytes)
@@ -166,6 +161,20 @@ class Soak:
             self.error(kind, repr(e))
         finally:
             self.counts[kind] += 1
+
+    def check_stream(self, kind: str, text: str) -> None:
+        # events split as SSE defines lines (CR / LF only): httpx's aiter_lines also splits at
+        # U+2028 and the like, which JSON strings may hold unescaped
+        data = [event[6:] for event in text.split("\n\n") if event.startswith("data: ")]
+        if not data or data[-1] != "[DONE]":
+            return self.error(kind, "the stream ended without [DONE]")
+        for payload in data[:-1]:
+            try:
+                event = json.loads(payload)
+            except ValueError:
+                return self.error(kind, f"an event that is not JSON: {payload[:200]!r}")
+            if "error" in event:
+                return self.error(kind, f"error event: {event['error']}")
 
     async def client_loop(self, until: float) -> None:
         kinds, weights = list(KINDS), list(KINDS.values())

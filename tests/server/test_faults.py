@@ -192,7 +192,9 @@ def test_a_client_that_stops_reading_is_dropped(faulty):
     while engine.num_in_flight and time.monotonic() < deadline:
         time.sleep(0.1)
     assert engine.num_in_flight == 0, "the stalled stream still holds its requests"
-    assert engine.stats.kv_cache_usage == 0.0 or engine.stats.num_running == 0
+    while engine.stats.num_running and time.monotonic() < deadline:  # the aborts land a loop later
+        time.sleep(0.05)
+    assert engine.stats.num_running == 0
     sock.close()
     assert httpx.post(f"{server.url}{CHAT}", json=body(4), timeout=60).status_code == 200
 
@@ -203,7 +205,10 @@ def test_a_body_that_trickles_in_gets_408(faulty):
     with socket.create_connection((host, int(port))) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"mess")
         sock.settimeout(10)
-        reply = sock.recv(65536).decode()
+        reply = b""
+        while chunk := sock.recv(65536):  # the server closes after the 408
+            reply += chunk
+        reply = reply.decode()
     assert reply.startswith("HTTP/1.1 408"), reply
     assert '"code":"request_timeout"' in reply.replace(" ", "")
     assert httpx.post(f"{server.url}{CHAT}", json=body(4), timeout=60).status_code == 200
