@@ -182,13 +182,13 @@ class ModelRunner:
         """
         inputs: list[DraftInput] = []
         starts = batch.cu_seqlens_q.tolist()
-        positions = sched_out.num_draft_positions
         for r, (s, new) in enumerate(zip(sched_out.scheduled, out.sampled_token_ids)):
             assert s.history is not None
             num_accepted = len(new) - 1 if new else 0
             num_committed = s.num_tokens - s.num_draft_tokens + num_accepted  # now in the KV
             ctx = None if features is None else features[starts[r]:starts[r] + num_committed]
             # a prediction drafts even while the verify policy rests the drafter: it costs nothing
+            positions = s.max_draft_positions
             room = positions != 0 or s.params.prediction is not None
             # the drafter pages its context in the request's blocks, so choices forked from
             # this prompt and later prefix-cache hits find it there

@@ -38,6 +38,9 @@ class ScheduledRequest:
     # n > 1: requests that will share the KV of this request's full prompt blocks once this
     # chunk ends its prefill (the drafter's context, paged in the same blocks, comes along).
     fork_req_ids: list[str] = field(default_factory=list)
+    # Draft positions worth proposing for this request after the step (None: the drafter's γ;
+    # 0: none, the drafter only extends its context): the verify policy's room next step.
+    max_draft_positions: int | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -56,9 +59,9 @@ class SchedulerOutput:
     # confidences expect to be accepted (Σ survival of the admitted positions).
     num_verify_tokens: int = 0
     expected_accepted: float = 0.0
-    # Draft positions worth proposing after this step (None: the drafter's γ; 0: none, the
-    # drafter only extends its context): the verify policy's room for drafts next step.
-    num_draft_positions: int | None = None
+    # Whether the drafts proposed after this step are a probe (a few requests drafting while
+    # the policy rests the drafter): its pass time says nothing of a full pass.
+    draft_probe: bool = False
 
     @property
     def num_tokens(self) -> int:

@@ -17,7 +17,7 @@ from scheduler.errors import CapacityExceeded
 from scheduler.outputs import ModelRunnerOutput, RequestUpdate, ScheduledRequest, SchedulerOutput
 from scheduler.request import Request, RequestStatus
 from scheduler.verify_planner import StepsPerSecond, survival
-from scheduler.verify_policy import make_verify_policy
+from scheduler.verify_policy import DraftRoom, make_verify_policy
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ class Scheduler:
         # n > 1: requests waiting for their prompt parent's prefill, to share its KV blocks
         self._parked: dict[str, list[Request]] = {}
         self.num_preemptions = 0
+        self._probe_turn = 0  # rotates which requests a probe draft samples
         policy = "fixed" if config.verify_policy == "auto" else config.verify_policy
         self.verify_policy = make_verify_policy(policy, sps, config.verify_threshold)
 
@@ -164,15 +165,32 @@ class Scheduler:
         num_verify = sum(s.num_draft_tokens for s in scheduled)
         expected_accepted = sum(float(expected[s.req_id][:s.num_draft_tokens].sum())
                                 for s in scheduled if s.num_draft_tokens)
+        room = self.verify_policy.draft_room()
+        self._assign_draft_room(scheduled, room)
         return SchedulerOutput(scheduled=scheduled, finished_req_ids=finished, num_preempted=preempted,
                                num_verify_tokens=num_verify, expected_accepted=expected_accepted,
-                               num_draft_positions=self.verify_policy.draft_positions())
+                               draft_probe=room.is_probe)
+
+    def _assign_draft_room(self, scheduled: list[ScheduledRequest], room: DraftRoom) -> None:
+        """Every request gets the room's positions; a probe's go to `max_requests` of the
+        sampling requests only, taken in turn over the steps so every request is sampled."""
+        for s in scheduled:
+            s.max_draft_positions = room.positions
+        sampling = [s for s in scheduled if s.sample]
+        if room.max_requests is None or len(sampling) <= room.max_requests:
+            return
+        start = self._probe_turn % len(sampling)
+        chosen = {s.req_id for s in (sampling + sampling)[start:start + room.max_requests]}
+        self._probe_turn += room.max_requests
+        for s in sampling:
+            if s.req_id not in chosen:
+                s.max_draft_positions = 0
 
     def update_from_output(self, sched_out: SchedulerOutput,
                            runner_out: ModelRunnerOutput) -> list[RequestUpdate]:
         """Apply a finished step to the logical requests; return what each one gained."""
         updates: list[RequestUpdate] = []
-        if runner_out.draft_token_ids and any(runner_out.draft_token_ids):
+        if runner_out.draft_token_ids and any(runner_out.draft_token_ids) and not sched_out.draft_probe:
             self.verify_policy.observe_draft_seconds(runner_out.draft_pass_seconds)
         for idx, (sched, req_id, sampled) in enumerate(zip(
                 sched_out.scheduled, runner_out.req_ids, runner_out.sampled_token_ids, strict=True)):

@@ -16,6 +16,7 @@ the plans stay as lossless as before.
 
 from abc import ABC, abstractmethod
 from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -28,6 +29,21 @@ from scheduler.verify_planner import (
     plan_verify_lengths,
     survival,
 )
+
+
+@dataclass(frozen=True, slots=True)
+class DraftRoom:
+    """What the drafter proposes after a step: at most `positions` tokens per request (None:
+    its γ; 0: none, only its context grows), for at most `max_requests` of the requests that
+    sample (None: all of them). A room with `max_requests` is a probe: a sample of requests
+    drafts so that the capacity can recover, at a fraction of a full pass's cost."""
+
+    positions: int | None = None
+    max_requests: int | None = None
+
+    @property
+    def is_probe(self) -> bool:
+        return self.max_requests is not None
 
 
 class VerifyPolicy(ABC):
@@ -46,12 +62,12 @@ class VerifyPolicy(ABC):
         """ℓ_r for each decoding request, each in 0..len(r.draft_token_ids). `base_tokens`
         counts the step's tokens before any draft is added."""
 
-    def draft_positions(self) -> int | None:
-        """How many draft positions are worth proposing for the next step (None: all γ)."""
-        return None
+    def draft_room(self) -> DraftRoom:
+        """What is worth proposing for the next step (default: γ positions for everyone)."""
+        return DraftRoom()
 
     def observe_draft_seconds(self, seconds: float) -> None:
-        """Time of a step's drafting pass (policies that weigh it override this)."""
+        """Time of a step's full drafting pass (policies that weigh it override this)."""
 
     def observe(self, num_verified: int, num_accepted: int, confidences: list[float] | None,
                 source: str = "") -> None:
@@ -150,9 +166,12 @@ class ScheduledVerify(VerifyPolicy):
     name = "scheduled"
     lag = 2
     # While the capacity is zero, a one-position probe draft every `probe_every` steps; each
-    # probe that finds nothing doubles the wait, up to `max_probe_every`.
+    # probe that finds nothing doubles the wait, up to `max_probe_every`. A probe drafts for
+    # at most `probe_requests` requests (the scheduler rotates them): its confidences are a
+    # sample of what drafting would bring, and its pass costs a fraction of a full one.
     probe_every = 8
     max_probe_every = 64
+    probe_requests = 4
 
     def __init__(self, sps: StepsPerSecond) -> None:
         super().__init__()
@@ -160,9 +179,10 @@ class ScheduledVerify(VerifyPolicy):
         self._capacities: deque[int] = deque(maxlen=self.lag)
         self._idle_steps = 0
         self._probe_wait = self.probe_every
-        # recent drafting-pass times; their median is what drafting adds to a step (it does
-        # not overlap the forward here). A median ignores the odd slow pass (the first one
-        # builds kernels) that would keep a resting drafter from ever paying again.
+        # recent full drafting-pass times (probes excluded: they draft for a few requests);
+        # their median is what drafting adds to a step (it does not overlap the forward
+        # here). A median ignores the odd slow pass (the first one builds kernels) that would
+        # keep a resting drafter from ever paying again.
         self._draft_times: deque[float] = deque(maxlen=9)
 
     @property
@@ -172,23 +192,24 @@ class ScheduledVerify(VerifyPolicy):
     def observe_draft_seconds(self, seconds: float) -> None:
         self._draft_times.append(seconds)
 
-    def draft_positions(self) -> int | None:
+    def draft_room(self) -> DraftRoom:
         """Draft what the latest global search says the plan can verify, plus one position
         so the capacity can grow. At a zero capacity speculation cannot pay at this load or
         confidence, so the drafter rests (saving its whole pass) except for one-position probe
-        drafts, spaced further apart while they find nothing, whose confidences let the
-        capacity recover. Which drafts exist never changes how they are verified: lossless."""
+        drafts of a few requests, spaced further apart while they find nothing, whose
+        confidences let the capacity recover. Which drafts exist never changes how they are
+        verified: lossless."""
         recent = self.last_capacity
         if recent is None:
-            return None
+            return DraftRoom()
         if recent > 0:
             self._idle_steps, self._probe_wait = 0, self.probe_every
-            return recent + 1
+            return DraftRoom(recent + 1)
         self._idle_steps += 1
         if self._idle_steps < self._probe_wait:
-            return 0
+            return DraftRoom(0)
         self._idle_steps, self._probe_wait = 0, min(2 * self._probe_wait, self.max_probe_every)
-        return 1
+        return DraftRoom(1, self.probe_requests)
 
     def verify_lengths(self, requests: list[Request], base_tokens: int) -> list[int]:
         a = survival(self.confidences(requests))

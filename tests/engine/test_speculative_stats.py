@@ -15,10 +15,10 @@ from engine import LLM, SamplingParams
 from engine.sampler import Sampler
 from tests.conftest import make_tiny_model
 
-pytestmark = pytest.mark.slow  # 6 x 40k generations: make test runs it, make test-fast skips it
+pytestmark = pytest.mark.slow  # 6 x 24k generations: make test runs it, make test-fast skips it
 
 VOCAB = 8
-NUM_SAMPLES = 20_000
+NUM_SAMPLES = 12_000  # the broken verifiers below still score p < 1e-10
 PROMPT = [1, 5, 2]
 
 

@@ -11,6 +11,7 @@ from scheduler.outputs import ModelRunnerOutput, RequestUpdate, ScheduledRequest
 from scheduler.request import Request, RequestStatus
 from scheduler.sampling_params import SamplingParams
 from scheduler.scheduler import Scheduler, SchedulerConfig
+from scheduler.verify_policy import DraftRoom, FixedVerify
 
 # ---- helpers --------------------------------------------------------------------------
 
@@ -1006,3 +1007,67 @@ def test_random_workload_multi_token_steps(seed):
 @pytest.mark.parametrize("seed", range(8))
 def test_random_workload_with_aborts(seed):
     _run_workload(seed, multi_token=False, aborts=True)
+
+
+# ---- the drafter's room -----------------------------------------------------------------
+
+
+class _RoomPolicy(FixedVerify):
+    """Verifies every draft; hands out a set room and records the drafting times it is shown."""
+
+    def __init__(self, room: DraftRoom) -> None:
+        super().__init__()
+        self.room, self.seen = room, []
+
+    def draft_room(self) -> DraftRoom:
+        return self.room
+
+    def observe_draft_seconds(self, seconds: float) -> None:
+        self.seen.append(seconds)
+
+
+def _drafted_output(out: SchedulerOutput, step: int) -> ModelRunnerOutput:
+    """One token per sampling request, and a one-token proposal from the requests given room."""
+    res = runner_output(out, step)
+    res.draft_token_ids = [[7] if s.sample and s.max_draft_positions != 0 else [] for s in out.scheduled]
+    res.draft_confidences = [None] * len(out.scheduled)
+    res.draft_sources = ["d"] * len(out.scheduled)
+    res.draft_pass_seconds = 0.01 * (step + 1)
+    return res
+
+
+def test_a_probe_room_goes_to_a_few_sampling_requests_in_turn():
+    """A probe (positions 1, at most 4 requests) gives room to 4 of the 10 decoding requests,
+    a different 4 each step until all had their turn; the other requests get 0. A full room
+    gives every request the same positions."""
+    sched = make_sched(num_blocks=256)
+    for i in range(10):
+        sched.add_request(make_req(f"r{i}", 5, max_tokens=50))
+    sched.verify_policy = _RoomPolicy(DraftRoom(1, 4))
+    turns = []
+    for step in range(3):
+        out, _ = run_step(sched, step)
+        assert out.draft_probe
+        rooms = {s.req_id: s.max_draft_positions for s in out.scheduled}
+        assert sorted(rooms.values()) == [0] * 6 + [1] * 4
+        turns.append({r for r, n in rooms.items() if n})
+    assert set().union(*turns) == {f"r{i}" for i in range(10)}
+    assert not turns[0] & turns[1] and len(turns[2] - turns[0] - turns[1]) == 2
+    sched.verify_policy.room = DraftRoom(3)
+    out, _ = run_step(sched, 3)
+    assert not out.draft_probe and {s.max_draft_positions for s in out.scheduled} == {3}
+
+
+def test_probe_passes_do_not_count_as_the_drafting_time():
+    """The verify policy charges a step that drafts for everyone the measured time of a full
+    pass; a probe drafts for a few requests, so its pass time is not shown to the policy."""
+    sched = make_sched(num_blocks=256)
+    for i in range(8):
+        sched.add_request(make_req(f"r{i}", 5, max_tokens=50))
+    policy = sched.verify_policy = _RoomPolicy(DraftRoom(1, 4))
+    for step in range(4):
+        if step == 2:
+            policy.room = DraftRoom()
+        out = sched.schedule()
+        sched.update_from_output(out, _drafted_output(out, step))
+    assert policy.seen == [0.03, 0.04]

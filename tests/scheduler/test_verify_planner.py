@@ -114,25 +114,29 @@ def test_scheduled_policy_drafts_what_it_can_verify_and_probes_at_zero_capacity(
     drafter while K is zero except for one-position probes spaced 8, 16, 32, 64, 64 ... steps
     apart, and recovers as soon as a probe's draft shows that drafts pay again."""
     policy = ScheduledVerify(knee_sps)
-    assert policy.draft_positions() is None  # nothing planned yet: full drafts
+    assert policy.draft_room().positions is None  # nothing planned yet: full drafts
     confident = [_decoding_request([0.9] * 7)]
     policy.verify_lengths(confident, base_tokens=1)
-    assert policy.last_capacity == 7 and policy.draft_positions() == 8
+    assert policy.last_capacity == 7 and policy.draft_room().positions == 8
     # unlikely drafts on a compute-bound step: no draft pays, the drafter rests
     policy.sps = lambda batch: 1.0 / batch
     policy.verify_lengths([_decoding_request([0.05] * 7)], base_tokens=1)
     assert policy.last_capacity == 0
-    asked = [policy.draft_positions() for _ in range(200)]
+    rooms = [policy.draft_room() for _ in range(200)]
+    asked = [room.positions for room in rooms]
     assert set(asked) == {0, 1}
+    # a probe drafts for a sample of the requests, a resting step for none
+    assert all(room.is_probe == (room.positions == 1) for room in rooms)
+    assert {room.max_requests for room in rooms if room.is_probe} == {policy.probe_requests}
     assert [i for i, n in enumerate(asked) if n] == [7, 7 + 16, 7 + 16 + 32, 7 + 16 + 32 + 64, 7 + 16 + 32 + 128]
     policy.sps = knee_sps  # the probe's draft meets a cheaper step again
     policy.verify_lengths([_decoding_request([0.9])], base_tokens=1)
-    assert policy.last_capacity == 1 and policy.draft_positions() == 2
+    assert policy.last_capacity == 1 and policy.draft_room().positions == 2
     policy.verify_lengths(confident, base_tokens=1)
-    assert policy.draft_positions() == 8
+    assert policy.draft_room().positions == 8
     policy.sps = lambda batch: 1.0 / batch  # and the backoff restarts at 8 steps
     policy.verify_lengths([_decoding_request([0.05] * 7)], base_tokens=1)
-    assert [policy.draft_positions() for _ in range(8)] == [0] * 7 + [1]
+    assert [policy.draft_room().positions for _ in range(8)] == [0] * 7 + [1]
 
 
 def test_policies_rescale_overconfident_drafters_online():
@@ -150,7 +154,7 @@ def test_policies_rescale_overconfident_drafters_online():
     policy.sps = lambda batch: 1.0 / batch ** 0.5  # verifying costs something
     for _ in range(policy.lag + 1):
         lengths = policy.verify_lengths(promising, base_tokens=1)
-    assert lengths == [0, 0] and policy.draft_positions() == 0
+    assert lengths == [0, 0] and policy.draft_room().positions == 0
 
     honest = ScheduledVerify(knee_sps)
     rng = np.random.default_rng(0)
@@ -188,7 +192,7 @@ def test_capacity_charges_drafting_time():
     policy = ScheduledVerify(flat)
     policy.observe_draft_seconds(0.2)
     policy.verify_lengths([_decoding_request([0.5] * 7)] * 4, base_tokens=4)
-    assert policy.last_capacity == 0 and policy.draft_positions() == 0
+    assert policy.last_capacity == 0 and policy.draft_room().positions == 0
 
 
 def test_one_slow_drafting_pass_does_not_keep_the_drafter_resting():

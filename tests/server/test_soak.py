@@ -10,12 +10,12 @@ from tests.server.conftest import API_KEY
 
 
 def test_short_soak(tiny_server):
-    soak = Soak(tiny_server.url, seconds=25, clients=6, api_key=API_KEY, pid=os.getpid(),
+    soak = Soak(tiny_server.url, seconds=15, clients=6, api_key=API_KEY, pid=os.getpid(),
                 long_prompt_words=60, max_tokens=24, seed=1)
     result = asyncio.run(soak.run(sample_every=1.0))
     summary = result.summary()
     assert result.errors == 0, result.error_examples
-    assert summary["requests"] > 100 and set(result.requests) == {
+    assert summary["requests"] > 60 and set(result.requests) == {
         "stream", "stream_dropped", "short", "long_prompt", "bad_input", "n2", "client_timeout"}
     assert result.kv_blocks_leaked == 0
     assert result.healthy_after
