@@ -7,6 +7,12 @@ against concurrency (Fig. 8).
 
     dspark bench compare --config plain= --config "ngram=--draft ngram --num-draft-tokens 4" \\
         --concurrency 1,2,4,8,16,32
+
+By default one configuration runs its whole sweep after the other, so a machine that drifts
+(a noisy VM: ±15% between minutes here) moves the ratios. `--interleave` starts every
+server first (an idle one costs nothing) and runs each level as `rounds` passes of one round
+of requests each, the configurations taking turns in A B B A order with the same requests,
+so slow drift cancels out of the ratios.
 """
 
 import argparse
@@ -19,8 +25,20 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from tqdm import tqdm
+
 from bench.common import RESULTS, save_result, with_ext
-from bench.serve import LevelResult, sweep
+from bench.serve import (
+    LevelResult,
+    add_spec_figures,
+    auth_headers,
+    level_bodies,
+    measured_level,
+    served_model,
+    summarize,
+    sweep,
+    warm_up,
+)
 from bench.serve import parse_args as parse_serve_args
 from server.process import ServerProcess
 
@@ -32,17 +50,68 @@ DEFAULT_CONFIGS = [
 ]
 
 
+def launch(name: str, server_args: str, args) -> ServerProcess:
+    flags = ["--max-num-seqs", str(max(args.concurrency)), *shlex.split(server_args)]
+    log = Path(tempfile.mkdtemp(prefix=f"dspark-{name}-")) / "server.log"
+    print(f"[{name}] dspark serve {shlex.join(flags)} (log: {log})", file=sys.stderr)
+    return ServerProcess(flags, log).wait_healthy()
+
+
 def run_config(name: str, server_args: str, sweep_argv: list[str]) -> list[LevelResult]:
     args = parse_serve_args(sweep_argv)
-    launch = ["--max-num-seqs", str(max(args.concurrency)), *shlex.split(server_args)]
-    log = Path(tempfile.mkdtemp(prefix=f"dspark-{name}-")) / "server.log"
-    print(f"[{name}] dspark serve {shlex.join(launch)} (log: {log})", file=sys.stderr)
-    server = ServerProcess(launch, log).wait_healthy()
+    server = launch(name, server_args, args)
     try:
         _, levels = asyncio.run(sweep(server.url, args))
     finally:
         server.terminate()
     return levels
+
+
+def run_interleaved(configs: list[tuple[str, str]], sweep_argv: list[str]) -> dict[str, list[LevelResult]]:
+    args = parse_serve_args(sweep_argv)
+    servers: dict[str, ServerProcess] = {}
+    try:
+        for name, flags in configs:
+            servers[name] = launch(name, flags, args)
+        return asyncio.run(interleaved_sweeps({n: s.url for n, s in servers.items()}, args))
+    finally:
+        for server in servers.values():
+            server.terminate()
+
+
+async def interleaved_sweeps(urls: dict[str, str], args) -> dict[str, list[LevelResult]]:
+    """Every level as `args.rounds` passes of one round (concurrency requests at once); in
+    pass p the configurations run the same requests, in order if p is even, else reversed.
+    A configuration's level merges its passes: their requests, summed durations and counters."""
+    headers = auth_headers(args)
+    model = await served_model(next(iter(urls.values())), headers, args.model)
+    plan = level_bodies(model, args)
+    for url in urls.values():
+        if args.warmup:
+            await warm_up(url, headers, model, args)
+    names = list(urls)
+    bar = tqdm(total=len(names) * sum(len(b) for _, b in plan), desc="bench compare", unit="req")
+    results: dict[str, list[LevelResult]] = {n: [] for n in names}
+    for c, bodies in plan:
+        passes = [bodies[i:i + c] for i in range(0, len(bodies), c)]
+        merged: dict[str, tuple[list, float, dict[str, float] | None]] = {n: ([], 0.0, {}) for n in names}
+        for p, chunk in enumerate(passes):
+            for name in names if p % 2 == 0 else names[::-1]:
+                bar.set_postfix(concurrency=c, config=name)
+                level, delta = await measured_level(urls[name], headers, chunk, c, bar)
+                requests, seconds, counters = merged[name]
+                if delta is None or counters is None:
+                    counters = None
+                else:
+                    counters = {k: counters.get(k, 0.0) + v for k, v in delta.items()}
+                merged[name] = (requests + level.requests, seconds + level.duration_s, counters)
+        for name, (requests, seconds, counters) in merged.items():
+            level = summarize(c, requests, seconds)
+            if counters:
+                add_spec_figures(level, counters)
+            results[name].append(level)
+    bar.close()
+    return results
 
 
 def plot(results: dict[str, list[LevelResult]], path_prefix: Path) -> list[Path]:
@@ -98,13 +167,19 @@ def main(argv: list[str] | None = None) -> int:
                     help="NAME=DSPARK_SERVE_FLAGS, repeatable (default: plain, mtp-1, "
                          "dspark-fixed, dspark-scheduled)")
     ap.add_argument("--server-args", default="", help="flags added to every configuration")
+    ap.add_argument("--interleave", action="store_true",
+                    help="all servers up at once, the configurations taking turns per round "
+                         "(drift cancels out of the ratios; module docstring)")
     ap.add_argument("--out", type=Path, default=None)
     args, sweep_argv = ap.parse_known_args(argv)
-    configs = [c.split("=", 1) for c in (args.config or DEFAULT_CONFIGS)]
-    results: dict[str, list[LevelResult]] = {}
-    for name, flags in configs:
-        results[name] = run_config(name, f"{flags} {args.server_args}", sweep_argv)
-    out, pngs = save_sweeps("compare", results, args.out, benchmark="serve_compare", configs=dict(configs))
+    configs = [(name, f"{flags} {args.server_args}".strip())
+               for name, flags in (c.split("=", 1) for c in (args.config or DEFAULT_CONFIGS))]
+    if args.interleave:
+        results = run_interleaved(configs, sweep_argv)
+    else:
+        results = {name: run_config(name, flags, sweep_argv) for name, flags in configs}
+    out, pngs = save_sweeps("compare", results, args.out, benchmark="serve_compare",
+                            configs=dict(configs), interleaved=args.interleave)
     print(f"{'config':>18} {'conc':>4} {'agg tok/s':>9} {'user tok/s':>10} {'verify/req':>10} {'accept':>6}")
     for name, levels in results.items():
         for lv in levels:

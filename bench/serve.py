@@ -186,37 +186,66 @@ def interleave(sets: list[list[str]]) -> list[str]:
     return [xs[i] for i in range(max(map(len, sets), default=0)) for xs in sets if i < len(xs)]
 
 
-async def sweep(url: str, args: argparse.Namespace) -> tuple[str, list[LevelResult]]:
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+async def served_model(url: str, headers: dict, wanted: str | None) -> str:
+    """`wanted`, or the server's first model."""
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as client:
         r = await client.get("/v1/models")
         r.raise_for_status()
-        model = args.model or r.json()["data"][0]["id"]
+        return wanted or r.json()["data"][0]["id"]
+
+
+def level_bodies(model: str, args: argparse.Namespace) -> list[tuple[int, list[dict]]]:
+    """(concurrency, requests) per level: rounds x concurrency requests each, and different
+    prompts per level (an offset), so no level replays another's prompts."""
     prompts = interleave([load_turns(f) for f in args.prompts])
     if not prompts:
         raise ValueError(f"no prompts in {args.prompts}")
-    levels_n = [max(1, args.rounds * c) for c in args.concurrency]
-    if args.warmup:
-        await run_level(url, headers, build_bodies(prompts, 1, model, args), 1,
-                        tqdm(disable=True))
-    bar = tqdm(total=sum(levels_n), desc="bench serve", unit="req")
     levels, offset = [], 0
-    for c, n in zip(args.concurrency, levels_n):
-        bar.set_postfix(concurrency=c)
-        # Different prompts per level (offset), so no level replays another's prompts.
-        bodies = build_bodies(prompts[offset % len(prompts):] + prompts, n, model, args)
+    for c in args.concurrency:
+        n = max(1, args.rounds * c)
+        levels.append((c, build_bodies(prompts[offset % len(prompts):] + prompts, n, model, args)))
         offset += n
-        before = await spec_counters(url)
-        level = await run_level(url, headers, bodies, c, bar)
-        after = await spec_counters(url)
-        if before is not None and after is not None:
-            _add_spec_figures(level, {k: after[k] - before[k] for k in after})
-        levels.append(level)
+    return levels
+
+
+async def measured_level(url: str, headers: dict, bodies: list[dict], concurrency: int,
+                         bar: tqdm) -> tuple[LevelResult, dict[str, float] | None]:
+    """One level, with its speculation figures and the raw counter deltas behind them (None
+    for a server without our /metrics)."""
+    before = await spec_counters(url)
+    level = await run_level(url, headers, bodies, concurrency, bar)
+    after = await spec_counters(url)
+    delta = None if before is None or after is None else {k: after[k] - before[k] for k in after}
+    if delta is not None:
+        add_spec_figures(level, delta)
+    return level, delta
+
+
+async def warm_up(url: str, headers: dict, model: str, args: argparse.Namespace) -> None:
+    prompts = interleave([load_turns(f) for f in args.prompts])
+    await run_level(url, headers, build_bodies(prompts, 1, model, args), 1, tqdm(disable=True))
+
+
+def auth_headers(args: argparse.Namespace) -> dict:
+    return {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+
+
+async def sweep(url: str, args: argparse.Namespace) -> tuple[str, list[LevelResult]]:
+    headers = auth_headers(args)
+    model = await served_model(url, headers, args.model)
+    plan = level_bodies(model, args)
+    if args.warmup:
+        await warm_up(url, headers, model, args)
+    bar = tqdm(total=sum(len(b) for _, b in plan), desc="bench serve", unit="req")
+    levels = []
+    for c, bodies in plan:
+        bar.set_postfix(concurrency=c)
+        levels.append((await measured_level(url, headers, bodies, c, bar))[0])
     bar.close()
     return model, levels
 
 
-def _add_spec_figures(level: LevelResult, delta: dict[str, float]) -> None:
+def add_spec_figures(level: LevelResult, delta: dict[str, float]) -> None:
     # every decode step of a request commits one token plus its accepted drafts; the first
     # token comes from the prefill
     decode_steps = sum(r.completion_tokens - 1 for r in level.requests if r.ok and r.completion_tokens)

@@ -133,6 +133,38 @@ def _foreign_server():
     return server, f"http://127.0.0.1:{port}"
 
 
+def test_interleaved_compare_takes_turns_with_the_same_requests(tiny_server, tmp_path, monkeypatch):
+    """`bench compare --interleave`: each level runs as `rounds` passes of one round, the
+    configurations in A B then B A order on the same requests; a configuration's level holds
+    all its passes' requests."""
+    import asyncio
+
+    from bench import compare
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"turns": [f"question {i}?"]}) for i in range(9)))
+    args = bench_serve.parse_args(["--api-key", API_KEY, "--prompts", str(prompts), "--concurrency", "1,3",
+                                   "--rounds", "2", "--max-tokens", "3", "--no-warmup"])
+    urls = {"a": tiny_server.url, "b": tiny_server.url + "/"}  # one server under two names
+    calls = []
+    measured = compare.measured_level
+
+    async def recording(url, headers, bodies, concurrency, bar):
+        calls.append(("a" if url == urls["a"] else "b", concurrency,
+                      [b["messages"][0]["content"] for b in bodies]))
+        return await measured(url, headers, bodies, concurrency, bar)
+
+    monkeypatch.setattr(compare, "measured_level", recording)
+    results = asyncio.run(compare.interleaved_sweeps(urls, args))
+    assert [(name, c) for name, c, _ in calls] == [("a", 1), ("b", 1), ("b", 1), ("a", 1),
+                                                   ("a", 3), ("b", 3), ("b", 3), ("a", 3)]
+    assert all(calls[i][2] == calls[i + 1][2] for i in (0, 2, 4, 6))  # a pass: the same requests
+    assert calls[0][2] != calls[2][2]
+    for name in urls:
+        assert [(lv.concurrency, lv.num_requests, lv.num_failed) for lv in results[name]] == [(1, 2, 0), (3, 6, 0)]
+        assert all(lv.aggregate_tok_s > 0 and lv.avg_verify_tokens_per_request >= 0 for lv in results[name])
+
+
 def test_bench_serve_works_against_a_server_without_our_metrics(tmp_path):
     server, url = _foreign_server()
     try:
