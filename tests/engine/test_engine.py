@@ -204,3 +204,37 @@ def test_overlapped_engine_matches_sequential(tiny_model_dir, llm, draft, monkey
     assert (a.text, a.token_ids, a.finish_reason) == (b.text, b.token_ids, b.finish_reason)
     assert overlapped.engine.block_manager.usage == 0.0 and not overlapped.engine.has_unfinished()
     overlapped.engine.close()
+
+
+def test_a_probe_room_reaches_only_the_chosen_requests_drafts(tiny_model_dir):
+    """The runner turns each request's room into its drafter input: while the policy probes
+    (one position, two requests), two of six requests are asked for one draft token per step,
+    taking turns, the rest only extend context; greedy output equals plain decoding's."""
+    from draft import Drafter, DraftInput, Proposal
+    from scheduler.verify_policy import DraftRoom, FixedVerify
+
+    class Recording(Drafter):
+        name = "recording"
+        num_draft_tokens = 3
+
+        def __init__(self) -> None:
+            self.asked: list[list[tuple[str, int | None]]] = []
+
+        def propose(self, inputs: list[DraftInput]) -> list[Proposal]:
+            self.asked.append([(x.req_id, x.max_draft_tokens) for x in inputs if x.wants_proposal])
+            return [Proposal([7] * (x.max_draft_tokens or 3) if x.wants_proposal else []) for x in inputs]
+
+    class Probing(FixedVerify):
+        def draft_room(self) -> DraftRoom:
+            return DraftRoom(1, 2)
+
+    prompts = [[1 + i, 2, 3 + i] for i in range(6)]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    expected = [o.token_ids for o in LLM(str(tiny_model_dir), "cpu", "float32").generate(prompts, params)]
+    drafter = Recording()
+    llm = LLM(str(tiny_model_dir), "cpu", "float32", drafter=drafter)
+    llm.engine.scheduler.verify_policy = Probing()
+    assert [o.token_ids for o in llm.generate(prompts, params)] == expected
+    asked = [step for step in drafter.asked if step]
+    assert asked and all(len(step) <= 2 and all(n == 1 for _, n in step) for step in asked)
+    assert len({req for step in asked for req, _ in step}) == 6
