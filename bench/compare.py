@@ -50,7 +50,7 @@ DEFAULT_CONFIGS = [
 ]
 
 
-def launch(name: str, server_args: str, args) -> ServerProcess:
+def launch(name: str, server_args: str, args: argparse.Namespace) -> ServerProcess:
     flags = ["--max-num-seqs", str(max(args.concurrency)), *shlex.split(server_args)]
     log = Path(tempfile.mkdtemp(prefix=f"dspark-{name}-")) / "server.log"
     print(f"[{name}] dspark serve {shlex.join(flags)} (log: {log})", file=sys.stderr)
@@ -79,39 +79,40 @@ def run_interleaved(configs: list[tuple[str, str]], sweep_argv: list[str]) -> di
             server.terminate()
 
 
-async def interleaved_sweeps(urls: dict[str, str], args) -> dict[str, list[LevelResult]]:
+async def interleaved_sweeps(urls: dict[str, str], args: argparse.Namespace) -> dict[str, list[LevelResult]]:
     """Every level as `args.rounds` passes of one round (concurrency requests at once); in
     pass p the configurations run the same requests, in order if p is even, else reversed.
     A configuration's level merges its passes: their requests, summed durations and counters."""
     headers = auth_headers(args)
     model = await served_model(next(iter(urls.values())), headers, args.model)
     plan = level_bodies(model, args)
-    for url in urls.values():
-        if args.warmup:
-            await warm_up(url, headers, model, args)
+    if args.warmup:
+        for url in urls.values():
+            await warm_up(url, headers, plan[0][1][0])
     names = list(urls)
     bar = tqdm(total=len(names) * sum(len(b) for _, b in plan), desc="bench compare", unit="req")
     results: dict[str, list[LevelResult]] = {n: [] for n in names}
     for c, bodies in plan:
-        passes = [bodies[i:i + c] for i in range(0, len(bodies), c)]
-        merged: dict[str, tuple[list, float, dict[str, float] | None]] = {n: ([], 0.0, {}) for n in names}
-        for p, chunk in enumerate(passes):
+        runs: dict[str, list[tuple[LevelResult, dict[str, float] | None]]] = {n: [] for n in names}
+        for p, start in enumerate(range(0, len(bodies), c)):
             for name in names if p % 2 == 0 else names[::-1]:
                 bar.set_postfix(concurrency=c, config=name)
-                level, delta = await measured_level(urls[name], headers, chunk, c, bar)
-                requests, seconds, counters = merged[name]
-                if delta is None or counters is None:
-                    counters = None
-                else:
-                    counters = {k: counters.get(k, 0.0) + v for k, v in delta.items()}
-                merged[name] = (requests + level.requests, seconds + level.duration_s, counters)
-        for name, (requests, seconds, counters) in merged.items():
-            level = summarize(c, requests, seconds)
-            if counters:
-                add_spec_figures(level, counters)
-            results[name].append(level)
+                runs[name].append(await measured_level(urls[name], headers, bodies[start:start + c], c, bar))
+        for name, parts in runs.items():
+            results[name].append(merge_passes(c, parts))
     bar.close()
     return results
+
+
+def merge_passes(concurrency: int, parts: list[tuple[LevelResult, dict[str, float] | None]]) -> LevelResult:
+    """One level from its passes: all their requests over their summed time, and the
+    speculation figures of their summed counters (when every pass had them)."""
+    level = summarize(concurrency, [r for lv, _ in parts for r in lv.requests],
+                      sum(lv.duration_s for lv, _ in parts))
+    deltas = [d for _, d in parts]
+    if deltas and all(d is not None for d in deltas):
+        add_spec_figures(level, {k: sum(d[k] for d in deltas) for k in deltas[0]})
+    return level
 
 
 def plot(results: dict[str, list[LevelResult]], path_prefix: Path) -> list[Path]:

@@ -221,9 +221,9 @@ async def measured_level(url: str, headers: dict, bodies: list[dict], concurrenc
     return level, delta
 
 
-async def warm_up(url: str, headers: dict, model: str, args: argparse.Namespace) -> None:
-    prompts = interleave([load_turns(f) for f in args.prompts])
-    await run_level(url, headers, build_bodies(prompts, 1, model, args), 1, tqdm(disable=True))
+async def warm_up(url: str, headers: dict, body: dict) -> None:
+    """One request, unmeasured (first-call costs: kernels, allocator, connection)."""
+    await run_level(url, headers, [body], 1, tqdm(disable=True))
 
 
 def auth_headers(args: argparse.Namespace) -> dict:
@@ -235,7 +235,7 @@ async def sweep(url: str, args: argparse.Namespace) -> tuple[str, list[LevelResu
     model = await served_model(url, headers, args.model)
     plan = level_bodies(model, args)
     if args.warmup:
-        await warm_up(url, headers, model, args)
+        await warm_up(url, headers, plan[0][1][0])
     bar = tqdm(total=sum(len(b) for _, b in plan), desc="bench serve", unit="req")
     levels = []
     for c, bodies in plan:

@@ -179,8 +179,7 @@ class Scheduler:
         sampling = [s for s in scheduled if s.sample]
         if room.max_requests is None or len(sampling) <= room.max_requests:
             return
-        start = self._probe_turn % len(sampling)
-        chosen = {s.req_id for s in (sampling + sampling)[start:start + room.max_requests]}
+        chosen = {sampling[(self._probe_turn + i) % len(sampling)].req_id for i in range(room.max_requests)}
         self._probe_turn += room.max_requests
         for s in sampling:
             if s.req_id not in chosen:
