@@ -80,23 +80,23 @@ class LLMEngine:
         self.tokenizer = ckpt.tokenizer
         quantization = config.quantization
         if config.deterministic:
-            if quantization == "int4" or tp > 1:
-                raise InvalidRequest("--deterministic runs one weight format (bf16 or the dtype) in one "
-                                     "process: use --quantization none and no tensor parallelism",
-                                     "deterministic")
+            if quantization == "int4":
+                raise InvalidRequest("--deterministic runs one weight format (bf16 or the dtype): "
+                                     "use --quantization none", "deterministic")
             quantization = "none"  # int4 for small steps and dense for large ones would differ
         if tp > 1:
             check_size(ckpt.arch, tp)
             if config.quantization == "int4":
                 raise InvalidRequest("int4 weights do not run tensor parallel: use --quantization none",
                                      "quantization")
-            local = build_model(ckpt, self.device, dtype, "none", tp=(0, tp))
+            local = build_model(ckpt, self.device, dtype, "none", tp=(0, tp), deterministic=config.deterministic)
             self.model = TensorParallelLM(local, tp)
         else:
-            self.model = build_model(ckpt, self.device, dtype, quantization)
-            if config.deterministic:
-                logger.info("deterministic: projections run in chunks of at most %d rows",
-                            make_row_invariant(self.model))
+            local = self.model = build_model(ckpt, self.device, dtype, quantization,
+                                             deterministic=config.deterministic)
+        if config.deterministic:
+            logger.info("deterministic: projections run in chunks of at most %d rows, row-parallel "
+                        "sums in a fixed order", make_row_invariant(local))
         self.kv_arch = local_arch(ckpt.arch, 0, tp)  # the heads this process caches
 
         self.backend = make_backend(config.attention_backend, self.device, config.deterministic)

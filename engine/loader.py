@@ -69,12 +69,14 @@ def load_checkpoint(model: str | None) -> LoadedCheckpoint:
 
 
 def build_model(ckpt: LoadedCheckpoint, device: torch.device, dtype: torch.dtype,
-                quantization: str = "none", tp: tuple[int, int] | None = None) -> CausalLM:
+                quantization: str = "none", tp: tuple[int, int] | None = None,
+                deterministic: bool = False) -> CausalLM:
     """Instantiate the target without initialising weights, load them, place it; with int4
     (`quantization`, resolved by `engine.quant.resolve_quantization`), its layers also get
     the file's Q4_1 weights for small steps. `tp` = (rank, world): keep only that rank's
     tensor-parallel slices (engine/tensor_parallel.py; dense weights); rank 0 also keeps the full
-    LM head as `full_lm_head`, for the drafter."""
+    LM head as `full_lm_head`, for the drafter. `deterministic`: the row-parallel projections
+    sum in a fixed order, the same on one rank as on N (`tensor_parallel.FixedOrderSum`)."""
     with torch.device("meta"):
         model = CausalLM(ckpt.arch)
     model = model.to_empty(device="cpu")
@@ -86,8 +88,10 @@ def build_model(ckpt: LoadedCheckpoint, device: torch.device, dtype: torch.dtype
     model.rotary.reset_tables()
     full_lm_head = None
     if tp is not None:
-        full_lm_head = tensor_parallel.shard(model, *tp)
+        full_lm_head = tensor_parallel.shard(model, *tp, fixed_order=deterministic)
         quantization = "none"
+    elif deterministic:
+        tensor_parallel.fix_summation_order(model)
     if device.type == "cpu" and torch.backends.mkldnn.is_available():
         model.pack_weights()
         if full_lm_head is not None:

@@ -13,13 +13,22 @@ ranks 1..N-1, worker processes the engine starts, which run the same call on the
 their own KV caches. The drafter keeps full copies of what it shares with the target (the
 embedding, and the LM head: for tied weights, the embedding itself), so drafting needs no
 communication. gloo on CPU, NCCL on CUDA (one device per rank).
+
+With `--deterministic` the output does not depend on N either: the output and down projections
+cut their inputs at fixed bounds (every rank boundary of every valid N), each chunk's partial
+product is computed alone, and the partials are added one at a time in input order after an
+all-gather (`FixedOrderSum`), on one rank as on N. The column-parallel projections and the LM
+head give each output column the same bits whole or sliced, and attention is per head, so
+nothing else needs care.
 """
 
+import itertools
 import logging
 import multiprocessing as mp
 import os
 import tempfile
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
@@ -69,6 +78,55 @@ class RowParallel(nn.Module):
         return y
 
 
+class FixedOrderSum(nn.Module):
+    """A row-parallel projection summed in a fixed order (`--deterministic`): its inputs cut at
+    `bounds`, one partial product per chunk, the partials of all ranks gathered and added in
+    input order. `ranges` holds each rank's [lo, hi) of the inputs (whole chunks); one range
+    means one process."""
+
+    def __init__(self, linear: Linear, bounds: Sequence[int], ranges: Sequence[tuple[int, int]],
+                 rank: int) -> None:
+        super().__init__()
+        lo, hi = ranges[rank]
+        mine = [b for b in bounds if lo <= b <= hi]
+        self.cuts = [(a - lo, b - lo) for a, b in itertools.pairwise(mine)]
+        self.parts = nn.ModuleList(_columns(linear, a, b) for a, b in itertools.pairwise(mine))
+        self.counts = [sum(1 for b in bounds if r_lo < b <= r_hi) for r_lo, r_hi in ranges]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        partials = torch.stack([part(x[..., a:b].contiguous()) for part, (a, b) in zip(self.parts, self.cuts)])
+        if len(self.counts) > 1:
+            padded = partials.new_zeros(max(self.counts), *partials.shape[1:])
+            padded[: len(partials)] = partials
+            gathered = [torch.empty_like(padded) for _ in self.counts]
+            dist.all_gather(gathered, padded)
+            partials = torch.cat([g[:n] for g, n in zip(gathered, self.counts)])
+        out = partials[0].clone()
+        for p in partials[1:]:
+            out += p
+        return out
+
+
+def fixed_bounds(arch: ModelArchConfig) -> tuple[list[int], list[int]]:
+    """Where `FixedOrderSum` cuts the inputs of the output and down projections: at every rank
+    boundary of every valid tensor-parallel size (SmolLM2: per KV group of heads, and the MLP's
+    1536 at 512, 768 and 1024)."""
+    q_per_kv = arch.num_heads // arch.num_kv_heads * arch.head_dim
+    worlds = range(1, arch.num_kv_heads + 1)
+    heads = {split(arch.num_kv_heads, w, r)[1] * q_per_kv for w in worlds for r in range(w)}
+    inter = {split(arch.intermediate_size, w, r)[1] for w in worlds for r in range(w)}
+    return sorted(heads | {0}), sorted(inter | {0})
+
+
+def fix_summation_order(model: CausalLM) -> None:
+    """One process, `--deterministic`: sum the row-parallel projections as N ranks would."""
+    o_bounds, down_bounds = fixed_bounds(model.config)
+    for layer in model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        attn.o_proj = FixedOrderSum(attn.o_proj, o_bounds, [(0, attn.o_proj.in_features)], 0)
+        mlp.down_proj = FixedOrderSum(mlp.down_proj, down_bounds, [(0, mlp.down_proj.in_features)], 0)
+
+
 def _columns(linear: Linear, lo: int, hi: int) -> Linear:
     out = Linear(hi - lo, linear.out_features, bias=linear.bias is not None)
     out.weight = nn.Parameter(linear.weight.detach()[:, lo:hi].clone(), requires_grad=False)
@@ -82,9 +140,9 @@ def vocab_chunk(vocab_size: int, world: int) -> int:
 
 
 @torch.no_grad()
-def shard(model: CausalLM, rank: int, world: int) -> Linear:
+def shard(model: CausalLM, rank: int, world: int, fixed_order: bool = False) -> Linear:
     """Cut a loaded (dense, unpacked) model down to rank's slices, in place; returns the full
-    LM head it replaced."""
+    LM head it replaced. `fixed_order`: row-parallel sums as `FixedOrderSum`."""
     cfg = model.config
     check_size(cfg, world)
     d, group = cfg.head_dim, cfg.num_heads // cfg.num_kv_heads
@@ -96,14 +154,19 @@ def shard(model: CausalLM, rank: int, world: int) -> Linear:
                           q_size + kv_size + torch.arange(kv_lo * d, kv_hi * d)])
     inter = cfg.intermediate_size
     gate_up_rows = torch.cat([torch.arange(inter_lo, inter_hi), inter + torch.arange(inter_lo, inter_hi)])
+    o_bounds, down_bounds = fixed_bounds(cfg)
+    q_ranges = [(lo * group * d, hi * group * d) for lo, hi in (split(cfg.num_kv_heads, world, r) for r in range(world))]
+    inter_ranges = [split(inter, world, r) for r in range(world)]
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         attn.qkv_proj = linear_of_rows(attn.qkv_proj.weight, qkv_rows, attn.qkv_proj.bias)
-        attn.o_proj = RowParallel(_columns(attn.o_proj, q_lo, q_hi))
+        attn.o_proj = (FixedOrderSum(attn.o_proj, o_bounds, q_ranges, rank) if fixed_order
+                       else RowParallel(_columns(attn.o_proj, q_lo, q_hi)))
         attn.num_kv_heads, attn.num_heads = kv_hi - kv_lo, (kv_hi - kv_lo) * group
         attn.q_size, attn.kv_size = attn.num_heads * d, attn.num_kv_heads * d
         mlp.gate_up_proj = linear_of_rows(mlp.gate_up_proj.weight, gate_up_rows)
-        mlp.down_proj = RowParallel(_columns(mlp.down_proj, inter_lo, inter_hi))
+        mlp.down_proj = (FixedOrderSum(mlp.down_proj, down_bounds, inter_ranges, rank) if fixed_order
+                         else RowParallel(_columns(mlp.down_proj, inter_lo, inter_hi)))
     chunk = vocab_chunk(cfg.vocab_size, world)
     lo = rank * chunk
     rows = torch.arange(lo, lo + chunk).clamp(max=cfg.vocab_size - 1)  # padding repeats the last row
@@ -223,6 +286,7 @@ def device_of(config: EngineConfig, rank: int) -> torch.device:
 def worker_main(spec: WorkerSpec, rank: int) -> None:
     """Rank 1..N-1: build this rank's slices and KV cache, then run what rank 0 broadcasts."""
     from engine.attention import make_backend
+    from engine.batch_invariance import make_row_invariant
     from engine.kv_cache import PagedKVCache
     from engine.loader import build_model, load_checkpoint
 
@@ -231,10 +295,14 @@ def worker_main(spec: WorkerSpec, rank: int) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     ckpt = load_checkpoint(spec.config.model)
-    model = build_model(ckpt, device, spec.config.torch_dtype, "none", tp=(rank, spec.world))
+    deterministic = spec.config.deterministic
+    model = build_model(ckpt, device, spec.config.torch_dtype, "none", tp=(rank, spec.world),
+                        deterministic=deterministic)
+    if deterministic:
+        make_row_invariant(model)
     kv = PagedKVCache(local_arch(ckpt.arch, rank, spec.world), spec.num_blocks, spec.block_size,
                       spec.config.torch_dtype, device)
-    backend = make_backend(spec.config.attention_backend, device)
+    backend = make_backend(spec.config.attention_backend, device, deterministic)
     init_group(spec, rank)
     with torch.inference_mode():
         while True:

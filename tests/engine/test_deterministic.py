@@ -1,6 +1,7 @@
 """--deterministic: greedy (T = 0) token ids in bf16 are identical alone, inside a batch of mixed
 requests, with speculation, and streamed or not, because no row's arithmetic depends on what
-else shares its forward (engine/batch_invariance.py, TorchAttention's deterministic mode)."""
+else shares its forward (engine/batch_invariance.py, TorchAttention's deterministic mode); and
+prefill logits are bit-identical on one rank and on two (engine/tensor_parallel.py)."""
 
 import asyncio
 import json
@@ -14,6 +15,7 @@ from draft import NgramDrafter
 from engine import LLM, InvalidRequest, SamplingParams
 from engine.batch_invariance import make_row_invariant
 from engine.model import Linear
+from tests.engine.test_default_model import CHATS
 from tests.engine.test_engine import random_prompts
 from tests.server.helpers import REPO, ServerProcess, parse_sse
 
@@ -101,3 +103,16 @@ async def streamed_and_whole(url: str, chats: list[list[dict]]) -> tuple[list[st
 
         results = await asyncio.gather(*(one(m, s) for s in (True, False) for m in chats))
     return results[:len(chats)], results[len(chats):]
+
+
+@pytest.mark.slow
+def test_deterministic_prefill_logits_are_one_ranks_bit_for_bit():
+    """--deterministic sums the row-parallel projections in one fixed order on any number of
+    ranks (`FixedOrderSum`), so two ranks give one rank's logits exactly, not within 1e-4."""
+    logits = []
+    for tp in (2, 1):  # one tensor-parallel engine per process at a time
+        llm = LLM(dtype="float32", device="cpu", tensor_parallel_size=tp, deterministic=True)
+        ids = llm.encode_chat([{"role": "user", "content": CHATS[0]}])
+        logits.append(llm.engine.prompt_logits(ids))
+        llm.engine.close()
+    assert torch.equal(*logits)
