@@ -186,7 +186,7 @@ class ModelRunner:
             assert s.history is not None
             num_accepted = len(new) - 1 if new else 0
             num_committed = s.num_tokens - s.num_draft_tokens + num_accepted  # now in the KV
-            ctx = None if features is None else features[starts[r]:starts[r] + num_committed]
+            ctx = None if features is None or not s.draft_context else features[starts[r]:starts[r] + num_committed]
             # a prediction drafts even while the verify policy rests the drafter: it costs nothing
             positions = s.max_draft_positions
             room = positions != 0 or s.params.prediction is not None

@@ -62,6 +62,9 @@ class BlockManager:
         self._ref_counts = [0] * num_blocks
         self._hash_of: dict[int, BlockHash] = {}  # cached blocks only
         self._cached: dict[BlockHash, int] = {}
+        # cached blocks keyed by a request without drafter context (`Request.draft_context`):
+        # their target KV is good, the drafter's context paged beside it was never written
+        self._without_draft_context: set[int] = set()
         self._num_cached_free = 0  # keyed blocks in the free queue
         self._queries = 0
         self._hits = 0
@@ -116,6 +119,10 @@ class BlockManager:
             hit.append(block)
         return hit
 
+    def draft_context_prefix(self, hit: list[int]) -> int:
+        """How many leading blocks of a cached prefix also hold the drafter's context."""
+        return next((i for i, b in enumerate(hit) if b in self._without_draft_context), len(hit))
+
     def can_take(self, req: Request, hit: list[int], num_tokens: int, reserve: int = 0) -> bool:
         """Whether `req` (holding no blocks) fits `num_tokens` tokens when it takes `hit`."""
         assert not req.block_table
@@ -148,6 +155,8 @@ class BlockManager:
             if block not in self._hash_of and key not in self._cached:
                 self._cached[key] = block
                 self._hash_of[block] = key
+                if not req.draft_context:
+                    self._without_draft_context.add(block)
         req.num_cached_blocks = max(req.num_cached_blocks, num_full)
 
     def _hash_blocks(self, req: Request, num_full: int) -> None:
@@ -161,6 +170,7 @@ class BlockManager:
             req.block_hashes.append(parent)
 
     def _evict(self, block: int) -> None:
+        self._without_draft_context.discard(block)
         key = self._hash_of.pop(block, None)
         if key is not None:  # only free blocks are evicted
             del self._cached[key]
@@ -178,6 +188,7 @@ class BlockManager:
         """Unkey `req`'s blocks, whose KV is suspect (its logits went non-finite): no later
         request reuses them; whoever holds them keeps them until freed."""
         for block in req.block_table:
+            self._without_draft_context.discard(block)
             key = self._hash_of.pop(block, None)
             if key is not None:  # held by `req`, so not among the free cached blocks
                 del self._cached[key]

@@ -41,6 +41,8 @@ class ScheduledRequest:
     # Draft positions worth proposing for this request after the step (None: the drafter's γ;
     # 0: none, the drafter only extends its context): the verify policy's room next step.
     max_draft_positions: int | None = None
+    # False: the drafter neither drafts for this request nor keeps its context (Request.draft_context)
+    draft_context: bool = True
 
     @property
     def num_tokens(self) -> int:

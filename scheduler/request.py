@@ -51,6 +51,10 @@ class Request:
     num_spec_rounds: int = 0
     num_draft_tokens_verified: int = 0
     num_accepted_tokens: int = 0
+    # False: admitted while the verify policy rested the drafter (beyond the probes' pool) or
+    # onto cached blocks that lack drafter context; it decodes plain to the end, the drafter
+    # never pays its context pass, and its cached blocks are marked as lacking that context.
+    draft_context: bool = True
     # n > 1: the request whose prompt KV this one shares (the first choice of the same prompt)
     prompt_parent: str | None = None
     # Prefix caching: tenants with different salts never share cached blocks.

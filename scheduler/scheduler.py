@@ -138,7 +138,7 @@ class Scheduler:
                and len(self.running) < self.config.max_num_seqs):
             req = self.waiting[0]
             # a forked choice holds its shared blocks; anyone else may find a cached prefix
-            hit = [] if req.block_table else self.block_manager.cached_prefix(req)
+            hit = [] if req.block_table else self._with_draft_context(req, self.block_manager.cached_prefix(req))
             start = req.num_computed_tokens + len(hit) * self.block_manager.block_size
             num_new = min(req.num_tokens - start, budget)
             # Keep one free block per running request so decodes can grow without thrashing.
@@ -171,12 +171,27 @@ class Scheduler:
                                num_verify_tokens=num_verify, expected_accepted=expected_accepted,
                                draft_probe=room.is_probe)
 
+    def _with_draft_context(self, req: Request, hit: list[int]) -> list[int]:
+        """Settle at `req`'s first admission whether it keeps drafter context (not while the
+        drafter rests and its probes' pool is full, nor onto cached blocks lacking that
+        context); return the part of the cached prefix `hit` it takes."""
+        if not req.draft_context:
+            return hit
+        with_context = self.block_manager.draft_context_prefix(hit)
+        if req.first_scheduled_time is None:
+            pool = self.verify_policy.context_pool
+            if with_context < len(hit) or (pool is not None and sum(r.draft_context for r in self.running) >= pool):
+                req.draft_context = False
+                return hit
+        return hit[:with_context]  # a preempted request that drafts recomputes the rest
+
     def _assign_draft_room(self, scheduled: list[ScheduledRequest], room: DraftRoom) -> None:
-        """Every request gets the room's positions; a probe's go to `max_requests` of the
-        sampling requests only, taken in turn over the steps so every request is sampled."""
+        """Every request with drafter context gets the room's positions; a probe's go to
+        `max_requests` of the sampling ones only, taken in turn over the steps so every
+        request is sampled."""
         for s in scheduled:
-            s.max_draft_positions = room.positions
-        sampling = [s for s in scheduled if s.sample]
+            s.max_draft_positions = room.positions if s.draft_context else 0
+        sampling = [s for s in scheduled if s.sample and s.draft_context]
         if room.max_requests is None or len(sampling) <= room.max_requests:
             return
         chosen = {sampling[(self._probe_turn + i) % len(sampling)].req_id for i in range(room.max_requests)}
@@ -286,12 +301,14 @@ class Scheduler:
             num_draft_tokens=num_draft,
             history=req.token_ids,
             fork_req_ids=[c.req_id for c in self._parked.get(req.req_id, ())],
+            draft_context=req.draft_context,
         )
 
     def _fork_parked(self, parent: Request) -> None:
         children = self._parked.pop(parent.req_id, [])
         for child in children:
             self.block_manager.fork(parent, child, self.fork_num_tokens(child))
+            child.draft_context = parent.draft_context  # the shared blocks hold the parent's
             child.num_computed_tokens = len(child.block_table) * self.block_manager.block_size
             if child.prompt_logprobs is not None and parent.prompt_logprobs is not None:
                 child.prompt_logprobs = list(parent.prompt_logprobs)  # the shared prefix is not rerun

@@ -238,3 +238,46 @@ def test_a_probe_room_reaches_only_the_chosen_requests_drafts(tiny_model_dir):
     asked = [step for step in drafter.asked if step]
     assert asked and all(len(step) <= 2 and all(n == 1 for _, n in step) for step in asked)
     assert len({req for step in asked for req, _ in step}) == 6
+
+
+def test_requests_admitted_while_the_drafter_rests_reach_it_without_context(tiny_model_dir):
+    """While the policy rests the drafter with a pool of 2, the first two requests send it
+    their context features and take the probes; the other four send none (no context pass to
+    pay) and are never asked to draft. Greedy output equals plain decoding's."""
+    from draft import Drafter, DraftInput, Proposal
+    from scheduler.verify_policy import DraftRoom, FixedVerify
+
+    class Recording(Drafter):
+        name = "recording"
+        num_draft_tokens = 3
+        target_layers = (0,)
+
+        def __init__(self) -> None:
+            self.fed: set[str] = set()
+            self.asked: set[str] = set()
+
+        def propose(self, inputs: list[DraftInput]) -> list[Proposal]:
+            self.fed |= {x.req_id for x in inputs if x.context_features is not None}
+            self.asked |= {x.req_id for x in inputs if x.wants_proposal}
+            return [Proposal([7] * (x.max_draft_tokens or 3) if x.wants_proposal else []) for x in inputs]
+
+    class Resting(FixedVerify):
+        def draft_room(self) -> DraftRoom:
+            return DraftRoom(1, 2)
+
+        @property
+        def context_pool(self) -> int | None:
+            return 2
+
+    prompts = [[1 + i, 2, 3 + i] for i in range(6)]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    expected = [o.token_ids for o in LLM(str(tiny_model_dir), "cpu", "float32").generate(prompts, params)]
+    drafter = Recording()
+    engine = LLM(str(tiny_model_dir), "cpu", "float32", drafter=drafter).engine
+    engine.scheduler.verify_policy = Resting()
+    ids = [engine.add_request(p, params) for p in prompts]
+    outputs: dict[str, list[int]] = {}
+    while engine.has_unfinished():
+        outputs |= {o.req_id: o.token_ids for o in engine.step() if o.finished}
+    assert [outputs[i] for i in ids] == expected
+    assert drafter.fed == drafter.asked == set(ids[:2])

@@ -263,3 +263,24 @@ def test_a_failed_requests_blocks_are_never_reused():
     bm.free(failed)
     check_pool(bm)
     assert bm.cached_prefix(make_req("again", tokens)) == []
+
+
+def test_blocks_a_request_without_drafter_context_keyed_are_marked_until_evicted():
+    """A request that decodes plain for life (no drafter context) keys its blocks for the
+    target's reuse, but they are marked: a hit reports how many leading blocks also hold the
+    drafter's context. Eviction clears the mark."""
+    bm = BlockManager(6, BS)
+    warm = make_req("warm", list(range(1, 9)))
+    commit(bm, warm, 8)
+    cold = make_req("cold", list(range(1, 13)))
+    cold.draft_context = False
+    admit(bm, cold)
+    commit(bm, cold, 12)  # its own third block is keyed without drafter context
+    later = make_req("later", list(range(1, 14)))
+    hit = bm.cached_prefix(later)
+    assert len(hit) == 3 and bm.draft_context_prefix(hit) == 2
+    for r in (warm, cold):
+        bm.free(r)
+    filler = make_req("filler", [99] * 24)
+    bm.allocate(filler, 24)  # takes every block: the cached ones are evicted
+    assert bm.draft_context_prefix(list(range(6))) == 6

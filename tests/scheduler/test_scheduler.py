@@ -1071,3 +1071,54 @@ def test_probe_passes_do_not_count_as_the_drafting_time():
         out = sched.schedule()
         sched.update_from_output(out, _drafted_output(out, step))
     assert policy.seen == [0.03, 0.04]
+
+
+class _RestingPolicy(_RoomPolicy):
+    """Rests the drafter (probes of one position for at most 2 requests) with a pool of 2."""
+
+    def __init__(self) -> None:
+        super().__init__(DraftRoom(1, 2))
+
+    @property
+    def context_pool(self) -> int | None:
+        return 2
+
+
+def test_while_the_drafter_rests_only_its_probes_pool_keeps_drafter_context():
+    """Admitted while resting, two requests keep drafter context and the rest decode plain
+    for life: no room, not even a probe's (tests/scheduler/test_prefix_cache.py: their cached
+    blocks are marked). Once the policy
+    drafts again, new admissions keep context; the plain ones stay plain."""
+    sched = make_sched(num_blocks=256, prefix_caching=True)
+    sched.verify_policy = _RestingPolicy()
+    for i in range(5):
+        sched.add_request(make_req(f"r{i}", 5 + i, max_tokens=40))
+    for step in range(4):
+        out, _ = run_step(sched, step)
+        warm = {s.req_id for s in out.scheduled if s.draft_context}
+        assert warm == {"r0", "r1"}
+        assert all(s.max_draft_positions == 0 for s in out.scheduled if s.req_id not in warm)
+    assert not sched.requests["r4"].draft_context
+    sched.verify_policy = _RoomPolicy(DraftRoom(3))
+    sched.add_request(make_req("late", 3, max_tokens=40))
+    out, _ = run_step(sched, 4)
+    rooms = {s.req_id: s.max_draft_positions for s in out.scheduled}
+    assert rooms["late"] == 3 and rooms["r0"] == 3 and rooms["r4"] == 0
+
+
+def test_a_first_admission_onto_blocks_without_drafter_context_decodes_plain():
+    """The target's KV of a cached prefix is reused either way; a new request whose hit lacks
+    the drafter's context takes it and decodes plain, instead of drafting from a context that
+    was never written."""
+    sched = make_sched(num_blocks=256, prefix_caching=True)
+    sched.verify_policy = _RoomPolicy(DraftRoom(3))
+    first = make_req("first", 12, max_tokens=2)
+    first.draft_context = False
+    sched.add_request(first)
+    for step in range(3):
+        run_step(sched, step)
+    again = make_req("again", 13, max_tokens=4)
+    sched.add_request(again)
+    out, _ = run_step(sched, 3)
+    (s,) = out.scheduled
+    assert s.start_pos == 12 and not s.draft_context and s.max_draft_positions == 0
