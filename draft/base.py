@@ -155,7 +155,8 @@ class LearnedDrafter(Drafter):
     Every full block of committed tokens therefore holds its context by the end of the step
     that filled it, which is when the scheduler offers it to the prefix cache; while the
     scheduler rests the drafter, a step costs plain decoding plus one context pass per 16
-    tokens of each request (block size 16)."""
+    tokens of each request that keeps context (block size 16; the scheduler sends no features
+    for requests admitted beyond the probes' pool: `Request.draft_context`)."""
 
     def __init__(self, model: nn.Module, name: str, num_draft_tokens: int,
                  target_layers: tuple[int, ...], device: torch.device, seed: int = 0) -> None:
