@@ -1122,3 +1122,27 @@ def test_a_first_admission_onto_blocks_without_drafter_context_decodes_plain():
     out, _ = run_step(sched, 3)
     (s,) = out.scheduled
     assert s.start_pos == 12 and not s.draft_context and s.max_draft_positions == 0
+
+
+def test_a_readmitted_request_that_drafts_takes_only_the_prefix_with_drafter_context():
+    """A preempted request that keeps drafter context finds its prefix cached by a request
+    without it: it takes only the blocks before the first marked one (and recomputes the rest,
+    whose drafter context it needs); one that decodes plain takes the whole hit."""
+    sched = make_sched(num_blocks=64, prefix_caching=True)
+    bm = sched.block_manager
+    warm_owner, cold_owner = make_req("w", 4), make_req("c", 12)
+    cold_owner.draft_context = False
+    for owner, n in ((warm_owner, 4), (cold_owner, 12)):
+        hit = bm.cached_prefix(owner)
+        bm.take(owner, hit)
+        bm.allocate(owner, n)
+        owner.num_computed_tokens = n
+        bm.cache_blocks(owner)  # the cold owner keys blocks 2 and 3; block 1 is the warm one's
+    readmitted = make_req("r", 13)
+    readmitted.first_scheduled_time = 1.0  # admitted before, then preempted
+    hit = bm.cached_prefix(readmitted)
+    assert len(hit) == 3
+    assert sched._with_draft_context(readmitted, hit) == hit[:1] and readmitted.draft_context
+    plain = make_req("p", 13)
+    plain.first_scheduled_time, plain.draft_context = 1.0, False
+    assert sched._with_draft_context(plain, hit) == hit
