@@ -63,6 +63,9 @@ class EngineConfig:
     # bit-identical greedy output in any dtype, alone or batched, with or without speculation:
     # one weight format and row-invariant projections (engine/batch_invariance.py)
     deterministic: bool = False
+    # with `deterministic`: the same bits on any tensor_parallel_size too (row-parallel sums in
+    # one fixed order, engine/tensor_parallel.py); measured to cost one process 20% of decode
+    tp_invariant: bool = False
     num_threads: int | None = None  # CPU threads for torch (per rank); None = all cores (shared by the ranks)
     # ranks of tensor parallelism (engine/tensor_parallel.py): worker processes beside this one
     tensor_parallel_size: int = 1

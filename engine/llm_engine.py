@@ -79,6 +79,8 @@ class LLMEngine:
         self.arch = ckpt.arch
         self.tokenizer = ckpt.tokenizer
         quantization = config.quantization
+        if config.tp_invariant and not config.deterministic:
+            raise InvalidRequest("--tp-invariant extends --deterministic: give both", "tp_invariant")
         if config.deterministic:
             if quantization == "int4":
                 raise InvalidRequest("--deterministic runs one weight format (bf16 or the dtype): "
@@ -89,14 +91,14 @@ class LLMEngine:
             if config.quantization == "int4":
                 raise InvalidRequest("int4 weights do not run tensor parallel: use --quantization none",
                                      "quantization")
-            local = build_model(ckpt, self.device, dtype, "none", tp=(0, tp), deterministic=config.deterministic)
+            local = build_model(ckpt, self.device, dtype, "none", tp=(0, tp), fixed_order=config.tp_invariant)
             self.model = TensorParallelLM(local, tp)
         else:
             local = self.model = build_model(ckpt, self.device, dtype, quantization,
-                                             deterministic=config.deterministic)
+                                             fixed_order=config.tp_invariant)
         if config.deterministic:
-            logger.info("deterministic: projections run in chunks of at most %d rows, row-parallel "
-                        "sums in a fixed order", make_row_invariant(local))
+            logger.info("deterministic: projections run in chunks of at most %d rows%s", make_row_invariant(local),
+                        ", row-parallel sums in a fixed order" if config.tp_invariant else "")
         self.kv_arch = local_arch(ckpt.arch, 0, tp)  # the heads this process caches
 
         self.backend = make_backend(config.attention_backend, self.device, config.deterministic)
@@ -128,7 +130,8 @@ class LLMEngine:
         self.sps = None
         # the SPS profile's cache key: what changes step times
         self.sps_key = profile_key(self.model_name, self.device, config.dtype, torch.get_num_threads(),
-                                   block_size, self.model.quantization, tp, config.deterministic)
+                                   block_size, self.model.quantization, tp, config.deterministic,
+                                   config.tp_invariant)
         if drafter is not None and sched_config.verify_policy in ("scheduled", "causal"):
             self.sps = load_or_profile(self.runner, self.block_manager, self.sps_key,
                                        sched_config.max_num_batched_tokens)

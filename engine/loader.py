@@ -70,13 +70,14 @@ def load_checkpoint(model: str | None) -> LoadedCheckpoint:
 
 def build_model(ckpt: LoadedCheckpoint, device: torch.device, dtype: torch.dtype,
                 quantization: str = "none", tp: tuple[int, int] | None = None,
-                deterministic: bool = False) -> CausalLM:
+                fixed_order: bool = False) -> CausalLM:
     """Instantiate the target without initialising weights, load them, place it; with int4
     (`quantization`, resolved by `engine.quant.resolve_quantization`), its layers also get
     the file's Q4_1 weights for small steps. `tp` = (rank, world): keep only that rank's
     tensor-parallel slices (engine/tensor_parallel.py; dense weights); rank 0 also keeps the full
-    LM head as `full_lm_head`, for the drafter. `deterministic`: the row-parallel projections
-    sum in a fixed order, the same on one rank as on N (`tensor_parallel.FixedOrderSum`)."""
+    LM head as `full_lm_head`, for the drafter. `fixed_order` (`--tp-invariant`): the
+    row-parallel projections sum in a fixed order, the same on one rank as on N
+    (`tensor_parallel.FixedOrderSum`)."""
     with torch.device("meta"):
         model = CausalLM(ckpt.arch)
     model = model.to_empty(device="cpu")
@@ -88,9 +89,9 @@ def build_model(ckpt: LoadedCheckpoint, device: torch.device, dtype: torch.dtype
     model.rotary.reset_tables()
     full_lm_head = None
     if tp is not None:
-        full_lm_head = tensor_parallel.shard(model, *tp, fixed_order=deterministic)
+        full_lm_head = tensor_parallel.shard(model, *tp, fixed_order=fixed_order)
         quantization = "none"
-    elif deterministic:
+    elif fixed_order:
         tensor_parallel.fix_summation_order(model)
     if device.type == "cpu" and torch.backends.mkldnn.is_available():
         model.pack_weights()

@@ -37,10 +37,11 @@ PROFILE_VERSION = 2
 
 
 def profile_key(model_name: str, device: torch.device, dtype: str, threads: int, block_size: int,
-                quantization: str = "none", tensor_parallel_size: int = 1, deterministic: bool = False) -> str:
+                quantization: str = "none", tensor_parallel_size: int = 1, deterministic: bool = False,
+                tp_invariant: bool = False) -> str:
     quant = "" if quantization == "none" else f"-{quantization}"
     tp = "" if tensor_parallel_size == 1 else f"-tp{tensor_parallel_size}"
-    det = "-det" if deterministic else ""
+    det = ("-det" if deterministic else "") + ("-tpinv" if tp_invariant else "")
     raw = f"{model_name}-{device.type}-{dtype}{quant}{tp}{det}-t{threads}-bs{block_size}-v{PROFILE_VERSION}"
     return re.sub(r"[^A-Za-z0-9._-]+", "_", raw)
 

@@ -57,6 +57,8 @@ def test_tiny_model_bf16_greedy_is_batch_and_speculation_invariant(tiny_model_di
 def test_deterministic_refuses_what_it_cannot_keep(tiny_model_dir):
     with pytest.raises(InvalidRequest, match="deterministic"):
         LLM(str(tiny_model_dir), "cpu", "bfloat16", deterministic=True, quantization="int4")
+    with pytest.raises(InvalidRequest, match="--tp-invariant extends --deterministic"):
+        LLM(str(tiny_model_dir), "cpu", "bfloat16", tp_invariant=True)
 
 
 @pytest.fixture(scope="module")
@@ -107,11 +109,12 @@ async def streamed_and_whole(url: str, chats: list[list[dict]]) -> tuple[list[st
 
 @pytest.mark.slow
 def test_deterministic_prefill_logits_are_one_ranks_bit_for_bit():
-    """--deterministic sums the row-parallel projections in one fixed order on any number of
-    ranks (`FixedOrderSum`), so two ranks give one rank's logits exactly, not within 1e-4."""
+    """--deterministic --tp-invariant sums the row-parallel projections in one fixed order on
+    any number of ranks (`FixedOrderSum`), so two ranks give one rank's logits exactly, not
+    within 1e-4."""
     logits = []
     for tp in (2, 1):  # one tensor-parallel engine per process at a time
-        llm = LLM(dtype="float32", device="cpu", tensor_parallel_size=tp, deterministic=True)
+        llm = LLM(dtype="float32", device="cpu", tensor_parallel_size=tp, deterministic=True, tp_invariant=True)
         ids = llm.encode_chat([{"role": "user", "content": CHATS[0]}])
         logits.append(llm.engine.prompt_logits(ids))
         llm.engine.close()

@@ -1,5 +1,5 @@
 """Tensor parallelism on CPU over gloo: the split arithmetic, the fixed summation order of
-`--deterministic`, then the real default model with two ranks against one (greedy output token
+`--deterministic --tp-invariant`, then the real default model with two ranks against one (greedy output token
 for token, with and without the DSpark drafter; prefill logits, within fp32's rounding)."""
 
 from itertools import pairwise
@@ -79,7 +79,8 @@ def test_prefill_logits_agree_with_one_rank(tp2_llm, default_llm):
     ours, ref = tp2_llm.engine.prompt_logits(ids), default_llm.engine.prompt_logits(ids)
     # the row-parallel sums round differently in fp32: measured max |Δ| 1.35e-4. That is fp32's
     # own floor on this model (its residual stream reaches 25k): against the same weights in
-    # fp64, one rank is 1.31e-4 off and two ranks 1.05e-4. --deterministic removes it (tests/engine/test_deterministic.py).
+    # fp64, one rank is 1.31e-4 off and two ranks 1.05e-4. --deterministic --tp-invariant removes it
+    # (tests/engine/test_deterministic.py).
     torch.testing.assert_close(ours, ref, atol=2e-4, rtol=0)
 
 
