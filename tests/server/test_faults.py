@@ -137,13 +137,21 @@ def test_a_failing_step_fails_every_request_and_exits(faulty, where):
 
     async def run() -> list:
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-            async def streamed():
-                async with client.stream("POST", CHAT, json={**body(200), "stream": True}) as r:
-                    return r.status_code, [line async for line in r.aiter_lines()]
+            started = [asyncio.Event() for _ in range(3)]
 
-            tasks = [asyncio.create_task(streamed()) for _ in range(3)]
+            async def streamed(first_line: asyncio.Event):
+                async with client.stream("POST", CHAT, json={**body(200), "stream": True}) as r:
+                    lines = []
+                    async for line in r.aiter_lines():
+                        lines.append(line)
+                        first_line.set()
+                    return r.status_code, lines
+
+            tasks = [asyncio.create_task(streamed(e)) for e in started]
             tasks += [asyncio.create_task(client.post(CHAT, json=body(200))) for _ in range(3)]
-            await asyncio.sleep(0.5)  # all running
+            # every stream under way (a fixed sleep raced a slow machine: a stream the failure
+            # beat to its first event is answered with a plain 503, rightly)
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 30)
             setattr(FaultyEngine, "raise_next" if where == "step" else "exit_next", True)
             return await asyncio.wait_for(asyncio.gather(*tasks), 30)  # nothing hangs
 
