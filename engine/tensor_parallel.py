@@ -95,14 +95,14 @@ class FixedOrderSum(nn.Module):
         self.counts = [sum(1 for b in bounds if r_lo < b <= r_hi) for r_lo, r_hi in ranges]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        partials = torch.stack([part(x[..., a:b].contiguous()) for part, (a, b) in zip(self.parts, self.cuts)])
-        if len(self.counts) > 1:
-            padded = partials.new_zeros(max(self.counts), *partials.shape[1:])
-            padded[: len(partials)] = partials
+        partials = [part(x[..., a:b].contiguous()) for part, (a, b) in zip(self.parts, self.cuts)]
+        if len(self.counts) > 1:  # one stacked send per rank, padded to the largest share
+            padded = partials[0].new_zeros(max(self.counts), *partials[0].shape)
+            torch.stack(partials, out=padded[: len(partials)])
             gathered = [torch.empty_like(padded) for _ in self.counts]
             dist.all_gather(gathered, padded)
-            partials = torch.cat([g[:n] for g, n in zip(gathered, self.counts)])
-        out = partials[0].clone()
+            partials = [p for g, n in zip(gathered, self.counts) for p in g[:n]]
+        out = partials[0]  # a fresh tensor (a projection's output or a gathered buffer): ours to add into
         for p in partials[1:]:
             out += p
         return out
