@@ -48,6 +48,9 @@ class Request:
     draft_token_ids: list[int] = field(default_factory=list)
     draft_confidences: list[float] | None = None
     draft_source: str = ""
+    # the proposal came from a probe draft: verified whatever the capacity, so that probes
+    # measure realised acceptance, not only the drafter's confidence
+    draft_probe: bool = False
     num_spec_rounds: int = 0
     num_draft_tokens_verified: int = 0
     num_accepted_tokens: int = 0

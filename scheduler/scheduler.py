@@ -252,6 +252,7 @@ class Scheduler:
                 req.draft_confidences = (runner_out.draft_confidences[idx]
                                          if runner_out.draft_confidences else None)
                 req.draft_source = runner_out.draft_sources[idx] if runner_out.draft_sources else ""
+                req.draft_probe = sched_out.draft_probe and bool(req.draft_token_ids)
             if new_ids or status is not None:
                 logprobs = runner_out.logprobs[idx] if runner_out.logprobs else None
                 first_output = req.num_output_tokens == len(new_ids)

@@ -1073,6 +1073,23 @@ def test_probe_passes_do_not_count_as_the_drafting_time():
     assert policy.seen == [0.03, 0.04]
 
 
+def test_a_proposal_remembers_whether_a_probe_made_it():
+    """The verify policy verifies a probe's proposal even while it rests: each request's
+    proposal carries whether the step that drafted it was a probe, and a full pass clears it."""
+    sched = make_sched(num_blocks=256)
+    for i in range(8):
+        sched.add_request(make_req(f"r{i}", 5, max_tokens=50))
+    policy = sched.verify_policy = _RoomPolicy(DraftRoom(1, 4))
+    out = sched.schedule()
+    sched.update_from_output(out, _drafted_output(out, 0))
+    probed = {r.req_id for r in sched.running if r.draft_probe}
+    assert len(probed) == 4 and all(sched.requests[r].draft_token_ids == [7] for r in probed)
+    policy.room = DraftRoom()
+    out = sched.schedule()
+    sched.update_from_output(out, _drafted_output(out, 1))
+    assert not any(r.draft_probe for r in sched.running)
+
+
 class _RestingPolicy(_RoomPolicy):
     """Rests the drafter (probes of one position for at most 2 requests) with a pool of 2."""
 

@@ -190,6 +190,7 @@ def test_capacity_charges_drafting_time():
     assert best_capacity(a, flat, 4, draft_seconds=0.01) > 0  # +10% time for up to +100% tokens
     assert best_capacity(a, flat, 4, draft_seconds=0.2) == 0  # 3x the step for at most 2x tokens
     policy = ScheduledVerify(flat)
+    policy.observe_draft_seconds(0.5)  # the first pass builds kernels: not charged
     policy.observe_draft_seconds(0.2)
     policy.verify_lengths([_decoding_request([0.5] * 7)] * 4, base_tokens=4)
     assert policy.last_capacity == 0 and policy.draft_room().positions == 0
@@ -202,8 +203,22 @@ def test_one_slow_drafting_pass_does_not_keep_the_drafter_resting():
         return 10.0
 
     policy = ScheduledVerify(flat)
+    policy.observe_draft_seconds(0.5)
+    assert policy.draft_seconds == 0.0  # the first pass alone is never the estimate
     for seconds in (0.5, 0.01, 0.01):
         policy.observe_draft_seconds(seconds)
     assert policy.draft_seconds == 0.01
     policy.verify_lengths([_decoding_request([0.5] * 7)] * 4, base_tokens=4)
     assert policy.last_capacity > 0
+
+
+def test_a_probe_draft_is_verified_while_the_drafter_rests():
+    """At capacity 0 a plain request's draft is not verified, a probe's is (all of it): its
+    realised acceptance is what lets a confidence scale learned elsewhere correct itself."""
+    policy = ScheduledVerify(lambda batch: 1.0 / batch)
+    policy.verify_lengths([_decoding_request([0.05] * 7)], base_tokens=1)
+    policy.verify_lengths([_decoding_request([0.05] * 7)], base_tokens=1)
+    assert policy.last_capacity == 0
+    plain, probe = _decoding_request([0.05]), _decoding_request([0.05])
+    probe.draft_probe = True
+    assert policy.verify_lengths([plain, probe], base_tokens=2) == [0, 1]
