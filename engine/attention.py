@@ -66,18 +66,21 @@ class _TorchMeta:
 class TorchAttention(AttentionBackend):
     """Gathers each request's K/V from its blocks and runs PyTorch SDPA, batched by group.
 
-    `deterministic`: each query row's result is bit for bit the same whatever else shares its
-    step. CPU SDPA (torch 2.13) rounds a row differently with the number of query rows per
-    call (its query split grows past 192 rows), with the key length inside a 512-key split,
-    for a 1-row call and on the `is_causal` path. So every call is masked, holds 2 to 32
-    query rows per sequence (longer chunks are cut into 32-row pieces, batched), and attends
-    to a multiple of 512 keys; padded keys and rows are masked out, which adds exact zeros.
+    `min_query_rows` (--deterministic; None: off): each query row's result is bit for bit the
+    same whatever else shares its step. CPU SDPA (torch 2.13) rounds a row differently with
+    the number of query rows per call (on AVX512-BF16 CPUs: 1, 2-3 and 4-192 rows round three
+    ways; its query split grows past 192), with the key length inside a 512-key split, and on
+    the `is_causal` path. So every call is masked, holds `min_query_rows` to 32 query rows per
+    sequence (longer chunks are cut into 32-row pieces, batched; the bound is probed at load,
+    engine/batch_invariance.py), and attends to a multiple of 512 keys; padded keys and rows
+    are masked out, which adds exact zeros.
     """
 
     name = "torch"
 
-    def __init__(self, deterministic: bool = False) -> None:
-        self.deterministic = deterministic
+    def __init__(self, min_query_rows: int | None = None) -> None:
+        self.min_query_rows = min_query_rows
+        self.deterministic = min_query_rows is not None
 
     def prepare(self, batch: FlatBatch) -> _TorchMeta:
         long_ = [r for r, q in enumerate(batch.query_lens) if q > _SHORT_QUERY]
@@ -102,8 +105,8 @@ class TorchAttention(AttentionBackend):
         ctx_list = [batch.context_lens[r] + off for r, off, _ in pieces]
         ctx = torch.tensor(ctx_list, device=device)
         q_max = max(n for _, _, n in pieces)
-        if self.deterministic:
-            q_max = max(q_max, 2)
+        if self.min_query_rows is not None:
+            q_max = max(q_max, self.min_query_rows)
         qi = torch.arange(q_max, device=device)
         if len(pieces) == 1 and ctx_list[0] == 0 and not self.deterministic:
             # A fresh prompt chunk: its keys are exactly its own tokens, plain causal attention.
@@ -155,8 +158,7 @@ class TorchAttention(AttentionBackend):
                 s = g.kv_blocks.shape[0]
                 kg = _gather(k_cache, g.kv_blocks).view(s, -1, *k_cache.shape[-2:]).to(q.dtype)
                 vg = _gather(v_cache, g.kv_blocks).view(s, -1, *v_cache.shape[-2:]).to(q.dtype)
-                o = F.scaled_dot_product_attention(qg, kg.transpose(1, 2), vg.transpose(1, 2),
-                                                   attn_mask=g.mask, scale=scale, enable_gqa=True)
+                o = masked_attention(qg, kg, vg, g.mask, scale)
             o = o.transpose(1, 2).reshape(-1, num_heads, head_dim)
             if g.identity:  # the step's only group
                 return o
@@ -164,6 +166,13 @@ class TorchAttention(AttentionBackend):
                 out = torch.empty_like(q)
             out.index_copy_(0, g.token_index, o.index_select(0, g.valid))
         return out
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """q [S, H, Q, D], k/v [S, L, Hkv, D] (the cache's layout), mask [S, 1, Q, L] -> [S, H, Q, D]."""
+    return F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                          scale=scale, enable_gqa=True)
 
 
 def _length_groups(batch: FlatBatch) -> list[list[int]]:
@@ -226,9 +235,11 @@ def flash_attn_available() -> bool:
     return torch.cuda.is_available()
 
 
-def make_backend(name: str, device: torch.device, deterministic: bool = False) -> AttentionBackend:
+def make_backend(name: str, device: torch.device, min_query_rows: int | None = None) -> AttentionBackend:
     """`auto` picks flash-attn on CUDA when it imports, else the portable backend (always the
-    portable one when `deterministic`: flash-attn's splits follow the batch)."""
+    portable one when deterministic, i.e. given `min_query_rows`: flash-attn's splits follow
+    the batch)."""
+    deterministic = min_query_rows is not None
     if name == "auto":
         name = "flash" if device.type == "cuda" and flash_attn_available() and not deterministic else "torch"
     if name == "flash":
@@ -238,5 +249,5 @@ def make_backend(name: str, device: torch.device, deterministic: bool = False) -
             raise ValueError("--deterministic needs the torch attention backend")
         return FlashAttention()
     if name == "torch":
-        return TorchAttention(deterministic)
+        return TorchAttention(min_query_rows)
     raise ValueError(f"unknown attention backend {name!r}")

@@ -12,7 +12,7 @@ import torch
 from draft import Drafter, TargetHandle, make_drafter
 from draft.prediction import PredictionDrafter
 from engine.attention import FlashAttention, make_backend
-from engine.batch_invariance import make_row_invariant
+from engine.batch_invariance import make_row_invariant, probe_query_rows
 from engine.config import EngineConfig
 from engine.grammar import GrammarCompiler, GrammarMasks
 from engine.host_memory import tune_host_malloc
@@ -97,11 +97,13 @@ class LLMEngine:
             local = self.model = build_model(ckpt, self.device, dtype, quantization,
                                              fixed_order=config.tp_invariant)
         if config.deterministic:
-            logger.info("deterministic: projections run in chunks of at most %d rows%s", make_row_invariant(local),
-                        ", row-parallel sums in a fixed order" if config.tp_invariant else "")
+            bounds = make_row_invariant(local)
+            logger.info("deterministic: projections run in calls of %d to %d rows%s", bounds.min_rows,
+                        bounds.max_rows, ", row-parallel sums in a fixed order" if config.tp_invariant else "")
         self.kv_arch = local_arch(ckpt.arch, 0, tp)  # the heads this process caches
 
-        self.backend = make_backend(config.attention_backend, self.device, config.deterministic)
+        self.backend = make_backend(config.attention_backend, self.device, probe_query_rows(
+            self.kv_arch, dtype, self.device) if config.deterministic else None)
         block_size = config.cache.block_size
         if isinstance(self.backend, FlashAttention):
             block_size = max(block_size, FlashAttention.block_size_multiple)

@@ -46,8 +46,10 @@ class Linear(nn.Linear):
     packed_weight: torch.Tensor | None = None
     # the file's Q4_1 weights, used for calls of at most INT4_MAX_ROWS rows (engine/quant.py)
     int4: Int4Weight | None = None
-    # calls with more rows run in chunks of this many, each row computed as it would be alone
-    # (engine/batch_invariance.py); None: one call
+    # --deterministic (engine/batch_invariance.py): calls with more rows run in chunks of at
+    # most max_rows (None: one call), and calls or chunks with fewer than min_rows are padded
+    # with zero rows, so every row meets a kernel that computes it as it would be alone
+    min_rows: int = 1
     max_rows: int | None = None
 
     def pack_weight(self, keep_dense: bool) -> None:
@@ -56,12 +58,18 @@ class Linear(nn.Linear):
             self.weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        limit = self.max_rows
-        if limit is not None and x.numel() > limit * x.shape[-1]:
-            rows = x.reshape(-1, x.shape[-1])
-            y = torch.cat([self._forward(part) for part in rows.split(limit)])
-            return y.view(*x.shape[:-1], -1)
-        return self._forward(x)
+        if self.max_rows is None and self.min_rows == 1:
+            return self._forward(x)
+        rows = x.reshape(-1, x.shape[-1])
+        parts = rows.split(self.max_rows) if self.max_rows is not None else (rows,)
+        y = torch.cat([self._forward_padded(part) for part in parts])
+        return y.view(*x.shape[:-1], -1)
+
+    def _forward_padded(self, rows: torch.Tensor) -> torch.Tensor:
+        n = rows.shape[0]
+        if n >= self.min_rows:
+            return self._forward(rows)
+        return self._forward(F.pad(rows, (0, 0, 0, self.min_rows - n)))[:n]
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         int4 = self.int4

@@ -287,7 +287,7 @@ def device_of(config: EngineConfig, rank: int) -> torch.device:
 def worker_main(spec: WorkerSpec, rank: int) -> None:
     """Rank 1..N-1: build this rank's slices and KV cache, then run what rank 0 broadcasts."""
     from engine.attention import make_backend
-    from engine.batch_invariance import make_row_invariant
+    from engine.batch_invariance import make_row_invariant, probe_query_rows
     from engine.kv_cache import PagedKVCache
     from engine.loader import build_model, load_checkpoint
 
@@ -301,9 +301,10 @@ def worker_main(spec: WorkerSpec, rank: int) -> None:
                         fixed_order=spec.config.tp_invariant)
     if deterministic:
         make_row_invariant(model)
-    kv = PagedKVCache(local_arch(ckpt.arch, rank, spec.world), spec.num_blocks, spec.block_size,
-                      spec.config.torch_dtype, device)
-    backend = make_backend(spec.config.attention_backend, device, deterministic)
+    arch = local_arch(ckpt.arch, rank, spec.world)
+    kv = PagedKVCache(arch, spec.num_blocks, spec.block_size, spec.config.torch_dtype, device)
+    backend = make_backend(spec.config.attention_backend, device, probe_query_rows(
+        arch, spec.config.torch_dtype, device) if deterministic else None)
     init_group(spec, rank)
     with torch.inference_mode():
         while True:

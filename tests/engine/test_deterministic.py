@@ -6,6 +6,7 @@ prefill logits are bit-identical on one rank and on two (engine/tensor_parallel.
 import asyncio
 import json
 import random
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -13,7 +14,9 @@ import torch
 
 from draft import NgramDrafter
 from engine import LLM, InvalidRequest, SamplingParams
-from engine.batch_invariance import make_row_invariant
+from engine.attention import masked_attention
+from engine.batch_invariance import RowBounds, make_row_invariant, probe_bounds, probe_query_rows
+from engine.config import ModelArchConfig
 from engine.model import Linear
 from tests.engine.test_default_model import CHATS
 from tests.engine.test_engine import random_prompts
@@ -32,14 +35,63 @@ def mixed_batch(prompts: list[list[int]], vocab: int, n: int = 32, seed: int = 0
     return prompts + others, [GREEDY] * len(prompts) + params
 
 
-def test_the_probe_finds_a_chunk_that_reproduces_single_rows(tiny_model_dir):
-    llm = LLM(str(tiny_model_dir), "cpu", "bfloat16")
-    chunk = make_row_invariant(llm.engine.model)
-    assert chunk >= 1
-    lin = next(m for m in llm.engine.model.modules() if isinstance(m, Linear))
-    x = torch.randn(100, lin.in_features).bfloat16()
+class _KernelSwitch(Linear):
+    """A projection whose kernel rounds its own way for some call sizes (as oneDNN's do)."""
+
+    def __init__(self, odd: Callable[[int], bool]) -> None:
+        super().__init__(24, 16, bias=False, dtype=torch.bfloat16)
+        self.odd = odd
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        # row by row, so that only `odd` (not the machine's own kernels) depends on the call size
+        y = torch.cat([super(_KernelSwitch, self)._forward(row) for row in x.split(1)])
+        return y + 1 if self.odd(x.shape[0]) else y
+
+
+@pytest.mark.parametrize(("odd", "bounds"), [
+    (lambda rows: False, RowBounds(1, 64)),
+    (lambda rows: rows == 1, RowBounds(2, 64)),  # pad single rows
+    (lambda rows: rows > 8, RowBounds(1, 8)),  # cut longer calls
+    (lambda rows: rows == 1 or rows > 16, RowBounds(2, 16)),
+    (lambda rows: rows == 3, RowBounds(1, 2)),
+])
+def test_the_probe_bounds_calls_to_the_sizes_that_reproduce_single_rows(odd, bounds):
+    lin = _KernelSwitch(odd)
+    assert probe_bounds(lin, torch.Generator().manual_seed(0)) == bounds
+    lin.min_rows, lin.max_rows = bounds.min_rows, bounds.max_rows
+    x = torch.randn(100, 24).bfloat16()
     alone = torch.cat([lin(x[i:i + 1]) for i in range(100)])
-    assert torch.equal(lin(x), alone)
+    for rows in (1, 2, 3, 7, 9, 17, 64, 100):
+        assert torch.equal(lin(x[:rows]), alone[:rows])
+
+
+def test_the_real_kernels_reproduce_single_rows_at_every_call_size(tiny_model_dir):
+    llm = LLM(str(tiny_model_dir), "cpu", "bfloat16")
+    make_row_invariant(llm.engine.model)
+    for lin in {(m.in_features, m.out_features): m for m in llm.engine.model.modules()
+                if isinstance(m, Linear)}.values():
+        x = torch.randn(200, lin.in_features).bfloat16()
+        alone = torch.cat([lin(x[i:i + 1]) for i in range(200)])
+        for rows in (2, 3, 5, 8, 13, 32, 33, 64, 65, 200):
+            assert torch.equal(torch.cat([lin(part) for part in x.split(rows)]), alone)
+
+
+def test_attention_padded_to_the_probed_rows_reproduces_a_query_row_in_any_call():
+    arch = ModelArchConfig(arch="llama", vocab_size=8, hidden_size=48, intermediate_size=8, num_layers=1,
+                           num_heads=4, num_kv_heads=2, head_dim=16)
+    min_rows = probe_query_rows(arch, torch.bfloat16, torch.device("cpu"))
+    assert min_rows in (2, 4, 8, 16, 32)
+    k, v = torch.randn(6, 1024, 2, 16).bfloat16(), torch.randn(6, 1024, 2, 16).bfloat16()
+    query = torch.randn(6, 4, 16).bfloat16()
+    mask = (torch.arange(1024) < torch.tensor([5, 600, 1024, 90, 513, 300])[:, None])[:, None, None]
+
+    def attend(rows: int) -> torch.Tensor:
+        q = torch.randn(6, 4, rows, 16).bfloat16()
+        q[:, :, rows - 1] = query
+        return masked_attention(q, k, v, mask.expand(6, 1, rows, 1024), 0.25)[:, :, rows - 1]
+
+    reference = attend(min_rows)
+    assert all(torch.equal(attend(rows), reference) for rows in range(min_rows, 33))
 
 
 def test_tiny_model_bf16_greedy_is_batch_and_speculation_invariant(tiny_model_dir):
