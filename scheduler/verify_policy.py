@@ -182,6 +182,8 @@ class ScheduledVerify(VerifyPolicy):
     # resting drafter otherwise costs every request a context pass per block (c = 32 here:
     # 2.3 ms of a 98 ms step) for drafts that may never come.
     resting_context_requests = 8
+    # per-step decay of the typical draft's confidences (about the last ten steps' drafts)
+    typical_decay = 0.9
 
     def __init__(self, sps: StepsPerSecond) -> None:
         super().__init__()
@@ -195,6 +197,10 @@ class ScheduledVerify(VerifyPolicy):
         # keep a resting drafter from ever paying again.
         self._draft_times: deque[float] = deque(maxlen=9)
         self._drafter_warm = False
+        # decayed per-position sums of recent drafts' (rescaled) conditional confidences and
+        # of how many drafts reached each position: their ratio is a typical draft
+        self._typical_sums = np.zeros(0)
+        self._typical_counts = np.zeros(0)
 
     @property
     def draft_seconds(self) -> float:
@@ -226,13 +232,19 @@ class ScheduledVerify(VerifyPolicy):
         return DraftRoom(1, self.probe_requests)
 
     def verify_lengths(self, requests: list[Request], base_tokens: int) -> list[int]:
-        a = survival(self.confidences(requests))
+        conf = self.confidences(requests)
+        a = survival(conf)
+        # The capacity a typical recent draft earns at this load (past drafts only: lossless).
+        # With few requests the lagged capacity is one draft's: a single weak draft would
+        # otherwise rest a lone user's drafter until the next probe.
+        typical = self._typical_capacity(len(requests), base_tokens)
         if len(self._capacities) == self.lag:
-            capacity = self._capacities[0]
+            capacity = max(self._capacities[0], typical)
         else:  # warm-up: plan from the prior alone, which the current draft cannot influence
             prior = survival(np.full(a.shape, self.acceptance_prior))
             capacity = best_capacity(prior, self.sps, base_tokens, self.draft_seconds)
-        self._capacities.append(best_capacity(a, self.sps, base_tokens, self.draft_seconds))
+        self._capacities.append(max(best_capacity(a, self.sps, base_tokens, self.draft_seconds), typical))
+        self._observe_typical(conf, [len(r.draft_token_ids) for r in requests])
         lengths = lengths_from_capacity(a, capacity)
         # A probe's draft is verified whatever the capacity: its realised acceptance is what
         # corrects confidences calibrated for other traffic (greedy requests accept about
@@ -242,6 +254,29 @@ class ScheduledVerify(VerifyPolicy):
             if r.draft_probe:
                 lengths[i] = max(lengths[i], len(r.draft_token_ids))
         return lengths.tolist()
+
+    def _observe_typical(self, conf: np.ndarray, lengths: list[int]) -> None:
+        width = conf.shape[1]
+        if width > self._typical_sums.size:
+            grow = width - self._typical_sums.size
+            self._typical_sums = np.pad(self._typical_sums, (0, grow))
+            self._typical_counts = np.pad(self._typical_counts, (0, grow))
+        reached = np.arange(width)[None, :] < np.asarray(lengths)[:, None]  # [R, width]
+        d = self.typical_decay
+        self._typical_sums *= d
+        self._typical_counts *= d
+        self._typical_sums[:width] += np.where(reached, conf, 0.0).sum(axis=0)
+        self._typical_counts[:width] += reached.sum(axis=0)
+
+    def _typical_capacity(self, num_requests: int, base_tokens: int) -> int:
+        """K for `num_requests` drafts like the recent ones (positions no recent draft
+        reached count as rejected)."""
+        counts = self._typical_counts
+        if not counts.size or counts[0] <= 0.0:
+            return 0
+        mean = np.divide(self._typical_sums, counts, out=np.zeros_like(counts), where=counts > 1e-3)
+        a = np.tile(survival(mean[None, :]), (num_requests, 1))
+        return best_capacity(a, self.sps, base_tokens, self.draft_seconds)
 
     @property
     def last_capacity(self) -> int | None:

@@ -72,6 +72,37 @@ def test_appendix_a_production_two_steps_earlier_is_lossless():
     assert abs(first_token_frequency(production, seed=4) - 0.70) < 0.01
 
 
+def test_appendix_a_scheduled_policy_is_lossless():
+    """The scheduled policy itself, one request per step: its capacity comes from the drafts of
+    earlier steps (lagged and typical), never from the one it verifies. With no memory of the
+    typical draft (decay 0) a typical capacity taken from the current draft would be Appendix
+    A's biased global mode (0.85)."""
+    policy = ScheduledVerify(sps)
+    policy.typical_decay = 0.0
+
+    def scheduled(conf: np.ndarray) -> np.ndarray:
+        return np.array([policy.verify_lengths([_decoding_request(list(row))], base_tokens=1)[0]
+                         for row in conf])
+
+    assert abs(first_token_frequency(scheduled, seed=5) - 0.70) < 0.01
+
+
+def test_one_weak_draft_does_not_rest_a_lone_users_drafter():
+    """At one request the lagged capacity is a single draft's: after steady confident drafts,
+    one weak draft keeps the drafter going (a typical recent draft still pays), where drafts
+    that stay weak let it rest."""
+    policy = ScheduledVerify(knee_sps)
+    for _ in range(2):  # drafting adds a fifth to a step (the first pass is not charged)
+        policy.observe_draft_seconds(0.002)
+    for _ in range(10):
+        policy.verify_lengths([_decoding_request([0.8] * 7)], base_tokens=1)
+    policy.verify_lengths([_decoding_request([0.02] * 7)], base_tokens=1)
+    assert policy.last_capacity > 0 and policy.draft_room().positions > 1
+    for _ in range(60):
+        policy.verify_lengths([_decoding_request([0.02] * 7)], base_tokens=1)
+    assert policy.last_capacity == 0 and policy.draft_room().positions == 0
+
+
 def test_lengths_respect_prefixes_and_bounds():
     conf = np.array([[0.9, 0.9, 0.1], [0.5, 1.0, 1.0], [1.0, 1.0, 1.0]])
     flat = lambda b: 1.0  # free verification: everything is admitted
@@ -131,7 +162,7 @@ def test_scheduled_policy_drafts_what_it_can_verify_and_probes_at_zero_capacity(
     assert [i for i, n in enumerate(asked) if n] == [7, 7 + 16, 7 + 16 + 32, 7 + 16 + 32 + 64, 7 + 16 + 32 + 128]
     policy.sps = knee_sps  # the probe's draft meets a cheaper step again
     policy.verify_lengths([_decoding_request([0.9])], base_tokens=1)
-    assert policy.last_capacity == 1 and policy.draft_room().positions == 2
+    assert policy.last_capacity >= 1 and policy.draft_room().positions == policy.last_capacity + 1
     policy.verify_lengths(confident, base_tokens=1)
     assert policy.draft_room().positions == 8
     policy.sps = lambda batch: 1.0 / batch  # and the backoff restarts at 8 steps
