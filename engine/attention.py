@@ -170,9 +170,18 @@ class TorchAttention(AttentionBackend):
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                      scale: float) -> torch.Tensor:
-    """q [S, H, Q, D], k/v [S, L, Hkv, D] (the cache's layout), mask [S, 1, Q, L] -> [S, H, Q, D]."""
-    return F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                          scale=scale, enable_gqa=True)
+    """q [S, H, Q, D], k/v [S, L, Hkv, D] (the cache's layout), mask [S, 1, Q, L] -> [S, H, Q, D].
+
+    The query heads that share a KV head become rows of one call (rows ordered head, then
+    query): CPU SDPA (torch 2.13) runs 32 decodes x 9 heads x 1 query row 3.5x slower than
+    32 x 3 KV heads x 3 rows, and GQA's head expansion is then not needed."""
+    s, num_heads, rows, d = q.shape
+    group = num_heads // k.shape[2]
+    if group > 1:
+        q = q.reshape(s, num_heads // group, group * rows, d)
+        mask = mask.expand(s, group, rows, mask.shape[-1]).reshape(s, 1, group * rows, -1)
+    o = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)
+    return o.reshape(s, num_heads, rows, d)
 
 
 def _length_groups(batch: FlatBatch) -> list[list[int]]:
