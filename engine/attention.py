@@ -80,7 +80,10 @@ class TorchAttention(AttentionBackend):
 
     def __init__(self, min_query_rows: int | None = None) -> None:
         self.min_query_rows = min_query_rows
-        self.deterministic = min_query_rows is not None
+
+    @property
+    def deterministic(self) -> bool:
+        return self.min_query_rows is not None
 
     def prepare(self, batch: FlatBatch) -> _TorchMeta:
         long_ = [r for r, q in enumerate(batch.query_lens) if q > _SHORT_QUERY]

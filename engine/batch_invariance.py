@@ -25,8 +25,8 @@ from engine.config import ModelArchConfig
 from engine.model import Linear
 
 CANDIDATE_CHUNKS = (64, 32, 16, 8, 4, 2)
-# call sizes probed under a chunk (1 row is the reference): every small one, the neighbours of each power of two (where
-# kernels switch), and one past the chunk (a padded 1-row tail)
+# call sizes probed under a chunk (1 row is the reference): every small one, the neighbours
+# of each power of two (where kernels switch), and one past the chunk (a padded 1-row tail)
 _PROBED_SIZES = (*range(2, 10), 15, 16, 17, 31, 32, 33, 63, 64, 65)
 _PROBE_ROWS = 256
 _PROBE_ROWS_WIDE = 64  # for an output as wide as an LM head, where each row costs 50x more
@@ -123,3 +123,10 @@ def probe_query_rows(arch: ModelArchConfig, dtype: torch.dtype, device: torch.de
             return min_rows
     raise RuntimeError("--deterministic: this machine's attention kernel rounds a query row "
                        "differently with the rows beside it at every padding tried")
+
+
+def make_batch_invariant(model: nn.Module, arch: ModelArchConfig, dtype: torch.dtype,
+                         device: torch.device) -> tuple[RowBounds, int]:
+    """--deterministic at load: bound `model`'s projections and probe the query rows every
+    attention call must hold for the heads `arch` holds (for the backend)."""
+    return make_row_invariant(model), probe_query_rows(arch, dtype, device)

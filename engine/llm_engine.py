@@ -12,7 +12,7 @@ import torch
 from draft import Drafter, TargetHandle, make_drafter
 from draft.prediction import PredictionDrafter
 from engine.attention import FlashAttention, make_backend
-from engine.batch_invariance import make_row_invariant, probe_query_rows
+from engine.batch_invariance import make_batch_invariant
 from engine.config import EngineConfig
 from engine.grammar import GrammarCompiler, GrammarMasks
 from engine.host_memory import tune_host_malloc
@@ -96,14 +96,15 @@ class LLMEngine:
         else:
             local = self.model = build_model(ckpt, self.device, dtype, quantization,
                                              fixed_order=config.tp_invariant)
-        if config.deterministic:
-            bounds = make_row_invariant(local)
-            logger.info("deterministic: projections run in calls of %d to %d rows%s", bounds.min_rows,
-                        bounds.max_rows, ", row-parallel sums in a fixed order" if config.tp_invariant else "")
         self.kv_arch = local_arch(ckpt.arch, 0, tp)  # the heads this process caches
+        min_query_rows = None
+        if config.deterministic:
+            bounds, min_query_rows = make_batch_invariant(local, self.kv_arch, dtype, self.device)
+            logger.info("deterministic: projections run in calls of %d to %d rows, attention in calls of "
+                        "at least %d query rows%s", bounds.min_rows, bounds.max_rows, min_query_rows,
+                        ", row-parallel sums in a fixed order" if config.tp_invariant else "")
 
-        self.backend = make_backend(config.attention_backend, self.device, probe_query_rows(
-            self.kv_arch, dtype, self.device) if config.deterministic else None)
+        self.backend = make_backend(config.attention_backend, self.device, min_query_rows)
         block_size = config.cache.block_size
         if isinstance(self.backend, FlashAttention):
             block_size = max(block_size, FlashAttention.block_size_multiple)

@@ -287,7 +287,7 @@ def device_of(config: EngineConfig, rank: int) -> torch.device:
 def worker_main(spec: WorkerSpec, rank: int) -> None:
     """Rank 1..N-1: build this rank's slices and KV cache, then run what rank 0 broadcasts."""
     from engine.attention import make_backend
-    from engine.batch_invariance import make_row_invariant, probe_query_rows
+    from engine.batch_invariance import make_batch_invariant
     from engine.kv_cache import PagedKVCache
     from engine.loader import build_model, load_checkpoint
 
@@ -299,12 +299,12 @@ def worker_main(spec: WorkerSpec, rank: int) -> None:
     deterministic = spec.config.deterministic
     model = build_model(ckpt, device, spec.config.torch_dtype, "none", tp=(rank, spec.world),
                         fixed_order=spec.config.tp_invariant)
-    if deterministic:
-        make_row_invariant(model)
     arch = local_arch(ckpt.arch, rank, spec.world)
+    min_query_rows = None
+    if deterministic:
+        _, min_query_rows = make_batch_invariant(model, arch, spec.config.torch_dtype, device)
     kv = PagedKVCache(arch, spec.num_blocks, spec.block_size, spec.config.torch_dtype, device)
-    backend = make_backend(spec.config.attention_backend, device, probe_query_rows(
-        arch, spec.config.torch_dtype, device) if deterministic else None)
+    backend = make_backend(spec.config.attention_backend, device, min_query_rows)
     init_group(spec, rank)
     with torch.inference_mode():
         while True:
